@@ -1,0 +1,1 @@
+"""Adapters that plug a `QScorer` into diffusers sampling loops, TRL trainers and DDPO-style loops."""

@@ -1,0 +1,159 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (the transformers-native classes) as a Q-Scorer backbone.
+
+Pixels reach the vision tower the way the Qwen-VL image processors prepare them: each image is
+resized (bicubic, antialiased) so both sides are multiples of ``patch * merge`` and its pixel count
+lies in the budget, normalised, duplicated along time to the temporal patch size and cut into
+flat patches; ``image_grid_thw`` records each image's patch grid. Here this runs in torch on the
+model's device, so the score is differentiable with respect to the pixels.
+
+The token sequence of sample i, right-padded to the longest in the batch::
+
+    prompt prefix | <vision_start> <image_pad> x n_i <vision_end> | prompt suffix | <score1..K>
+
+with multimodal rotary positions (temporal, height, width) computed here on the host from the
+known grids, the same values the model's ``get_rope_index`` derives, without its per-sample
+device round trips.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..preprocessing import normalize, resize_antialiased
+from .base import Backbone, BackboneInputs
+
+MAX_ASPECT_RATIO = 200  # the Qwen-VL processors refuse anything more elongated
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Target ``(height, width)``: multiples of ``factor``, area in ``[min_pixels, max_pixels]``,
+    aspect ratio kept as closely as those allow (the Qwen-VL processors' rule)."""
+    target_h = max(factor, round(height / factor) * factor)
+    target_w = max(factor, round(width / factor) * factor)
+    if target_h * target_w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        target_h = max(factor, math.floor(height / scale / factor) * factor)
+        target_w = max(factor, math.floor(width / scale / factor) * factor)
+    elif target_h * target_w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        target_h = math.ceil(height * scale / factor) * factor
+        target_w = math.ceil(width * scale / factor) * factor
+    return target_h, target_w
+
+
+def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N * (H/p) * (W/p), C * T * p * p]`` in the Qwen-VL patch order.
+
+    Patches are ordered by merge window (row-major over windows, then row-major inside a window),
+    each flattened as (channel, time, row, column) with the single frame repeated ``T`` times.
+    """
+    n, channels, height, width = pixels.shape
+    p, m = patch_size, merge_size
+    grid_h, grid_w = height // p, width // p
+    patches = pixels.reshape(n, channels, grid_h // m, m, p, grid_w // m, m, p)
+    # -> (n, windows_h, windows_w, m_h, m_w, C, p_h, p_w)
+    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7)
+    patches = patches.unsqueeze(6).expand(*patches.shape[:6], temporal_patch_size, p, p)
+    return patches.reshape(n * grid_h * grid_w, channels * temporal_patch_size * p * p)
+
+
+class QwenVLBackbone(Backbone):
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+    def prepare(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> BackboneInputs:
+        cfg = self.config
+        factor = cfg.resize_factor
+        sizes = [tuple(image.shape[-2:]) for image in pixels]
+        for index, (height, width) in enumerate(sizes):
+            if min(height, width) < self.min_image_side:
+                raise ValueError(
+                    f"images[{index}] is {height}x{width}; this backbone needs both sides >= "
+                    f"{self.min_image_side} px (one vision patch). Upsample it yourself if a score of "
+                    "such a small image is really wanted."
+                )
+            if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+                raise ValueError(
+                    f"images[{index}] is {height}x{width}; aspect ratios above {MAX_ASPECT_RATIO} are not supported"
+                )
+        targets = [smart_resize(h, w, factor, cfg.min_pixels, cfg.max_pixels) for h, w in sizes]
+
+        # Resize, normalise and patchify each group of equal input and target size in one call.
+        groups: dict[tuple, list[int]] = {}
+        for index, key in enumerate(zip(sizes, targets)):
+            groups.setdefault(key, []).append(index)
+        patches_per_image: list[torch.Tensor | None] = [None] * len(sizes)
+        for (_, (target_h, target_w)), indices in groups.items():
+            if isinstance(pixels, torch.Tensor) and len(indices) == len(sizes):
+                group = pixels
+            else:
+                group = torch.stack([pixels[i] for i in indices])
+            group = normalize(resize_antialiased(group, target_h, target_w), cfg.image_mean, cfg.image_std)
+            patches = patchify(group, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
+            for i, chunk in zip(indices, patches.chunk(len(indices))):
+                patches_per_image[i] = chunk
+        pixel_values = patches_per_image[0] if len(sizes) == 1 else torch.cat(patches_per_image)
+
+        grids = [(1, h // cfg.patch_size, w // cfg.patch_size) for h, w in targets]
+        input_ids, attention_mask, position_ids, score_positions = self._token_layout(grids)
+        device = pixel_values.device
+        dtype = self.model.get_input_embeddings().weight.dtype
+        return BackboneInputs(
+            input_ids=input_ids.to(device),
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            score_positions=score_positions.to(device),
+            model_inputs={
+                "pixel_values": pixel_values.to(dtype),
+                "image_grid_thw": torch.tensor(grids, dtype=torch.long, device=device),
+                "position_ids": position_ids.to(device),
+            },
+        )
+
+    def _token_layout(self, grids: list[tuple[int, int, int]]):
+        """Token ids, padding mask, rotary positions ``[3, B, L]`` and score positions, on the host."""
+        model_config = self.model.config
+        merge = self.config.merge_size
+        score_ids = self.config.score_token_ids
+        prefix = [*self.prefix_ids, model_config.vision_start_token_id]
+        suffix = [model_config.vision_end_token_id, *self.suffix_ids, *score_ids]
+        rows = []
+        for _, grid_h, grid_w in grids:
+            llm_h, llm_w = grid_h // merge, grid_w // merge
+            ids = torch.tensor(prefix + [model_config.image_token_id] * (llm_h * llm_w) + suffix, dtype=torch.long)
+            # Text before the image counts up from 0; the image tokens take (t, row, column)
+            # offsets from the next position; text after it resumes past the image's extent.
+            text_before = torch.arange(len(prefix)).expand(3, -1)
+            start = len(prefix)
+            rows_idx, cols_idx = torch.meshgrid(torch.arange(llm_h), torch.arange(llm_w), indexing="ij")
+            image_pos = torch.stack(
+                [torch.zeros(llm_h * llm_w, dtype=torch.long), rows_idx.reshape(-1), cols_idx.reshape(-1)]
+            )
+            resume = start + max(llm_h, llm_w)
+            text_after = (resume + torch.arange(len(suffix))).expand(3, -1)
+            positions = torch.cat([text_before, image_pos + start, text_after], dim=1)
+            rows.append((ids, positions))
+
+        lengths = [len(ids) for ids, _ in rows]
+        longest = max(lengths)
+        batch = len(rows)
+        input_ids = torch.zeros(batch, longest, dtype=torch.long)
+        position_ids = torch.zeros(3, batch, longest, dtype=torch.long)
+        attention_mask = torch.zeros(batch, longest, dtype=torch.long)
+        for b, (ids, positions) in enumerate(rows):
+            input_ids[b, : len(ids)] = ids
+            position_ids[:, b, : len(ids)] = positions
+            attention_mask[b, : len(ids)] = 1
+        score_positions = torch.tensor(lengths, dtype=torch.long) - len(score_ids) - 1
+        padded = min(lengths) != longest
+        return input_ids, attention_mask if padded else None, position_ids, score_positions
+
+    def forward(self, inputs: BackboneInputs) -> torch.Tensor:
+        outputs = self.model.model(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            use_cache=False,
+            **inputs.model_inputs,
+        )
+        return outputs.last_hidden_state

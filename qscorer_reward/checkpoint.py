@@ -1,0 +1,222 @@
+"""Q-Scorer checkpoint directories: writing them atomically and loading them with precise errors.
+
+Layout (safetensors only; nothing is ever unpickled)::
+
+    qscorer_config.json         QScorerConfig, written last
+    head.safetensors            the ScoreHead
+    tokenizer files             the tokenizer with its score tokens
+    # weights_format == "full": the whole backbone, in transformers' layout
+    config.json, model.safetensors (or model-0000x-of-0000y.safetensors + index)
+    # weights_format == "trained_parts": only what training changed, on top of config.base_model
+    score_tokens.safetensors    input_embeddings / output_embeddings, [K, hidden] each
+    adapter_config.json, adapter_model.safetensors   peft LoRA adapter (when one was trained)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import CONFIG_NAME, QScorerConfig
+from .head import ScoreHead
+from .score_tokens import get_score_token_rows, set_score_token_rows
+
+HEAD_FILE = "head.safetensors"
+SCORE_TOKENS_FILE = "score_tokens.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+BUNDLED_DEFAULT = Path(__file__).parent / "default_model"
+# The name of the untrained stand-in bundled until a trained default model ships.
+UNTRAINED_PLACEHOLDER = "qscorer-tiny-untrained"
+
+
+def save_checkpoint(scorer, directory: Path, weights_format: str) -> None:
+    """Write ``scorer`` to ``directory`` in ``weights_format`` (``"full"`` or ``"trained_parts"``).
+
+    The files go to a temporary sibling directory that replaces ``directory`` only once complete,
+    so an interrupted save never leaves a checkpoint that looks whole.
+    """
+    config = dataclasses.replace(scorer.config, weights_format=weights_format)
+    model = scorer.backbone.model
+    has_adapter = getattr(model, "_hf_peft_config_loaded", False)
+    if weights_format == "full" and has_adapter:
+        raise ValueError("the backbone carries a LoRA adapter: save weights_format='trained_parts', or merge it first")
+    if weights_format == "trained_parts" and not config.base_model:
+        raise ValueError("weights_format='trained_parts' needs config.base_model, the model the parts apply to")
+
+    directory = directory.resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        if weights_format == "full":
+            model.save_pretrained(staging)
+        else:
+            rows = get_score_token_rows(model, config.score_token_ids)
+            save_file({k: v.contiguous().cpu() for k, v in rows.items()}, staging / SCORE_TOKENS_FILE)
+            if has_adapter:
+                model.save_pretrained(staging)  # with an adapter loaded, transformers saves only the adapter
+        save_file({k: v.contiguous().cpu() for k, v in scorer.head.state_dict().items()}, staging / HEAD_FILE)
+        if scorer.tokenizer is not None:
+            scorer.tokenizer.save_pretrained(staging)
+        config.to_json_file(staging / CONFIG_NAME)
+        _replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
+    """A local checkpoint directory for ``path``: the bundled default when ``None``, a local
+    directory as is, otherwise a hub id downloaded with ``huggingface_hub``."""
+    if path is None:
+        return BUNDLED_DEFAULT
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise NotADirectoryError(f"{local} is a file; a Q-Scorer checkpoint is a directory")
+        return local
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path)))
+    raise FileNotFoundError(f"{path}: no such checkpoint directory")
+
+
+def load_checkpoint(
+    path: str | os.PathLike | None,
+    *,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+    merge_lora: bool = True,
+):
+    """Load a checkpoint directory as a `QScorer` (on the CPU; the caller moves it)."""
+    from transformers import AutoTokenizer
+
+    from .scorer import QScorer
+
+    directory = resolve_checkpoint(path)
+    config = QScorerConfig.from_json_file(directory / CONFIG_NAME)
+    head_state = read_safetensors(directory / HEAD_FILE, "the score head")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{directory}: cannot load the tokenizer files ({err})") from err
+
+    load_kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    if config.weights_format == "full":
+        model = _load_backbone(directory, **load_kwargs)
+    else:
+        if not config.base_model:
+            raise ValueError(f"{directory / CONFIG_NAME}: weights_format 'trained_parts' needs base_model")
+        model = _load_backbone(config.base_model, **load_kwargs)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        rows_shape = (config.num_score_tokens, model.get_input_embeddings().weight.shape[1])
+        rows = read_safetensors(
+            directory / SCORE_TOKENS_FILE,
+            "the score-token embedding rows",
+            expected_shapes={"input_embeddings": rows_shape, "output_embeddings": rows_shape},
+        )
+        set_score_token_rows(model, config.score_token_ids, rows)
+        if (directory / ADAPTER_CONFIG_FILE).is_file():
+            model = _load_adapter(model, directory, merge_lora)
+
+    hidden_size = model.get_input_embeddings().weight.shape[1]
+    head = ScoreHead(hidden_size, config.head_hidden_sizes, config.score_range, config.score_bound_sharpness)
+    expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}
+    check_tensors(head_state, expected, directory / HEAD_FILE)
+    head.load_state_dict(head_state)
+    scorer = QScorer.assemble(config, model, tokenizer, head)
+    if config.model_name == UNTRAINED_PLACEHOLDER:
+        warnings.warn(
+            "the bundled default model is an UNTRAINED placeholder (random weights): its scores carry no "
+            "meaning until the trained default ships",
+            stacklevel=3,
+        )
+    return scorer
+
+
+def _load_backbone(source: str | Path, **kwargs):
+    """A transformers vision-language model from ``source``, refusing missing or mis-shaped weights."""
+    from transformers import AutoModelForImageTextToText
+
+    source_dir = Path(source)
+    if source_dir.is_dir():
+        if not (source_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{source_dir / 'config.json'} not found: the backbone's config is missing")
+        weight_files = sorted(source_dir.glob("*.safetensors"))
+        weight_files = [f for f in weight_files if f.name not in (HEAD_FILE, SCORE_TOKENS_FILE)]
+        weight_files = [f for f in weight_files if not f.name.startswith("adapter_")]
+        if not weight_files:
+            raise FileNotFoundError(f"{source_dir}: no backbone weights (model.safetensors) found")
+        for weight_file in weight_files:
+            read_safetensors(weight_file, "backbone weights", header_only=True)
+    try:
+        model, info = AutoModelForImageTextToText.from_pretrained(source, output_loading_info=True, **kwargs)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{source}: cannot load the backbone ({err})") from err
+    problems = {key: info.get(key) for key in ("missing_keys", "mismatched_keys", "unexpected_keys")}
+    problems = {key: sorted(map(str, value))[:5] for key, value in problems.items() if value}
+    if problems:
+        raise ValueError(f"{source}: backbone weights do not match its config.json: {problems}")
+    return model
+
+
+def _load_adapter(model, directory: Path, merge: bool):
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, directory)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{directory}: cannot load the LoRA adapter ({err})") from err
+    return peft_model.merge_and_unload() if merge else peft_model.base_model.model
+
+
+def read_safetensors(
+    path: Path,
+    what: str,
+    expected_shapes: dict[str, tuple[int, ...]] | None = None,
+    header_only: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, with errors that name the file and say what is wrong with it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the checkpoint is missing {what}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            if header_only:
+                return {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} ({what}) is truncated or not a safetensors file: {err}") from err
+    if expected_shapes is not None:
+        check_tensors(tensors, expected_shapes, path)
+    return tensors
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors, naming the file and the tensor."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
