@@ -203,7 +203,7 @@ def read_safetensors(
         with safe_open(path, framework="pt") as handle:
             if header_only:
                 return {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} ({what}) is truncated or not a safetensors file: {err}") from err
     if expected_shapes is not None:

@@ -34,7 +34,7 @@ class QScorerConfig:
         score_token_ids: vocabulary ids of the K score tokens once added (filled in when built).
         head_hidden_sizes: widths of the head's hidden layers; ``None`` means ``[h/2, h/4]`` for a
             backbone of hidden width ``h``.
-        score_range: ``(low, high)`` of the MOS scale the head regresses; scores lie strictly inside.
+        score_range: ``(low, high)`` of the MOS scale the head regresses; scores lie within it.
         score_bound_sharpness: beta of the smooth clamp that bounds the head output (see
             `qscorer_reward.head.soft_clamp`); larger is closer to a hard clamp.
         min_pixels / max_pixels: pixel budget of the resized image fed to the vision tower.

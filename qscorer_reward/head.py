@@ -8,7 +8,8 @@ from torch import nn
 
 
 def soft_clamp(x: torch.Tensor, low: float, high: float, sharpness: float) -> torch.Tensor:
-    """Bound ``x`` to the open interval ``(low, high)`` without killing its gradient.
+    """Bound ``x`` to ``[low, high]`` without killing its gradient (open interval in exact
+    arithmetic; float32 rounds values far outside to the ends).
 
     ``low + (softplus(b (x - low)) - softplus(b (x - high))) / b`` with ``b = sharpness``.
     Its derivative, ``sigmoid(b (x - low)) - sigmoid(b (x - high))``, is ~1 across the interior
@@ -28,10 +29,11 @@ class ScoreHead(nn.Module):
     Args:
         hidden_size: width ``h`` of the backbone's last hidden state.
         hidden_sizes: widths of the hidden layers; default ``[h // 2, h // 4]`` as in the release.
-        score_range: ``(low, high)``; outputs lie strictly inside it (see `soft_clamp`).
+        score_range: ``(low, high)``; outputs lie inside it (see `soft_clamp`).
         sharpness: beta of `soft_clamp`.
 
-    Input: ``[B, h]`` hidden states of any float dtype. Output: ``[B]`` float32 scores.
+    Input: ``[B, h]`` hidden states of any float dtype. Output: ``[B]`` scores in the head's dtype:
+    float32, as the head never goes below it (``.double()`` is allowed, for numerical checks).
     """
 
     def __init__(
@@ -64,17 +66,17 @@ class ScoreHead(nn.Module):
         (zero biases, as released) starts in the linear part of the bound, not pinned at one end.
         """
         low, high = self.score_range
-        return (low + high) / 2 + self.mlp(hidden.float()).squeeze(-1)
+        return (low + high) / 2 + self.mlp(hidden.to(self.mlp[0].weight.dtype)).squeeze(-1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         low, high = self.score_range
         return soft_clamp(self.raw_score(hidden), low, high, self.sharpness)
 
     def _apply(self, fn, recurse=True):
-        # Keep float32 whatever `.to(dtype)` / `.half()` the enclosing model receives: the head is
-        # tiny and its output is the reward.
+        # Never below float32, whatever `.to(dtype)` / `.half()` the enclosing model receives: the
+        # head is tiny and its output is the reward.
         super()._apply(fn, recurse)
         for param in self.parameters():
-            if param.dtype != torch.float32:
+            if param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
         return self

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ImageInput = Union[torch.Tensor, np.ndarray, Image.Image, str, os.PathLike, Sequence]
+ImageInput = torch.Tensor | np.ndarray | Image.Image | str | os.PathLike | Sequence
 
 # Pillow's own default guard against decompression bombs (about 89.5 megapixels).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -65,7 +64,7 @@ def to_unit_pixels(
     device: torch.device | str | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[torch.Tensor] | torch.Tensor:
-    """Convert any supported image input to float32 RGB pixels in [0, 1] on ``device``.
+    """Convert any supported image input to float32 (float64 if given) RGB pixels in [0, 1] on ``device``.
 
     Accepted: a float tensor ``[B, 3, H, W]`` or ``[3, H, W]`` in ``input_range``; a uint8 tensor
     (0..255); 1-channel (grey) or 4-channel (RGBA, composited onto white) tensors; a PIL image; a
@@ -142,7 +141,8 @@ def _to_unit(
     if pixels.dtype == torch.uint8:
         pixels = pixels.float() / 255.0
     elif pixels.is_floating_point():
-        pixels = _float_to_unit(pixels.float(), input_range, name)
+        # float64 stays float64 (numerical checks); half precisions are computed in float32
+        pixels = _float_to_unit(pixels if pixels.dtype == torch.float64 else pixels.float(), input_range, name)
     else:
         raise TypeError(f"{name}: image tensors must be uint8 or floating point, got {pixels.dtype}")
     if channels == 1:
@@ -180,17 +180,18 @@ def resize_antialiased(pixels: torch.Tensor, height: int, width: int) -> torch.T
     """Bicubic, antialiased resize of ``[N, 3, H, W]`` float pixels in [0, 1], differentiable.
 
     Antialiased bicubic in torch uses PIL's kernel (a = -0.5). Like PIL, it resizes one axis at a
-    time, the one giving the smaller intermediate image first, and clamps to [0, 1] after each pass
-    (PIL stores each pass as uint8, which cuts the bicubic overshoot at edges); so it matches the
-    reference processors' PIL resize up to PIL's rounding to uint8 after each pass.
+    time and clamps to [0, 1] after each pass (PIL stores each pass as uint8, which cuts the bicubic
+    overshoot at edges), in PIL's order: width first, except when the height shrinks while the
+    width grows. So it matches the reference processors' PIL resize up to PIL's rounding to uint8
+    after each pass.
     """
     in_height, in_width = pixels.shape[-2:]
     if (in_height, in_width) == (height, width):
         return pixels
-    if in_height * width <= height * in_width:
-        passes = [(in_height, width), (height, width)]
-    else:
+    if height < in_height and width > in_width:
         passes = [(height, in_width), (height, width)]
+    else:
+        passes = [(in_height, width), (height, width)]
     for size in passes:
         if tuple(pixels.shape[-2:]) != size:
             pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)

@@ -31,8 +31,8 @@ class QScorer(nn.Module):
         scores = scorer(images)                       # [B] float32, higher is better
 
     ``images``: a float tensor ``[B, 3, H, W]`` or ``[3, H, W]`` in [0, 1] (or ``input_range``), a
-    uint8 tensor, PIL image(s), path(s), numpy HWC arrays, or a list mixing them. Scores lie in the
-    open interval `score_range` (MOS scale, 1..5). With grad enabled and a float tensor input, the
+    uint8 tensor, PIL image(s), path(s), numpy HWC arrays, or a list mixing them. Scores lie in
+    `score_range` (MOS scale, 1..5). With grad enabled and a float tensor input, the
     scores are differentiable with respect to the pixels; without anything to differentiate (frozen
     weights and no input requiring grad) the call runs without building a graph.
 
@@ -187,7 +187,7 @@ class QScorer(nn.Module):
 
     @property
     def score_range(self) -> tuple[float, float]:
-        """``(low, high)``: scores lie strictly inside it."""
+        """``(low, high)``: scores lie within it."""
         return self.config.score_range
 
     @property
@@ -208,7 +208,7 @@ class QScorer(nn.Module):
         input_range: tuple[float, float] = (0.0, 1.0),
         batch_size: int | None = None,
     ) -> torch.Tensor:
-        """Score images: returns ``[B]`` float32 on `device`, in the open interval `score_range`.
+        """Score images: returns ``[B]`` float32 on `device`, within `score_range`.
 
         Args:
             images: see the class docstring. Any size with both sides >= the vision patch size;

@@ -102,6 +102,21 @@ def _special_token_ids() -> dict[str, int]:
     )
 
 
+def tiny_base_model(family: str = "qwen2_5_vl", seed: int = 0, **config_overrides):
+    """A tiny random transformers ``*ForConditionalGeneration`` model of ``family`` and its tokenizer,
+    as a base model before any score token is added. The embedding matrix keeps two spare rows
+    beyond the tokenizer, so K = 1 uses spare rows and K = 5 exercises the resize path.
+    ``config_overrides`` go to `tiny_backbone_config`."""
+    from transformers import AutoModelForImageTextToText
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_backbone_config(family, vocab_size=len(tokenizer) + 2, **config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+    return model, tokenizer
+
+
 def tiny_scorer(
     family: str = "qwen2_5_vl",
     num_score_tokens: int = 1,
@@ -110,23 +125,11 @@ def tiny_scorer(
     max_pixels: int = 112 * 112,
     **config_overrides,
 ) -> QScorer:
-    """A tiny random Q-Scorer of ``family`` (frozen, eval mode), reproducible from ``seed``.
-
-    The embedding matrix keeps two spare rows beyond the tokenizer, so K = 1 uses spare rows and
-    K = 5 exercises the resize path. ``config_overrides`` go to `tiny_backbone_config`.
-    """
-    from transformers import AutoModelForImageTextToText
-
-    tokenizer = tiny_tokenizer()
-    config = tiny_backbone_config(family, vocab_size=len(tokenizer) + 2, **config_overrides)
+    """A tiny random Q-Scorer of ``family`` (frozen, eval mode), reproducible from ``seed``."""
+    model, tokenizer = tiny_base_model(family, seed, **config_overrides)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+        torch.manual_seed(seed + 1)
         scorer = QScorer.from_base_model(
-            model,
-            tokenizer,
-            num_score_tokens=num_score_tokens,
-            max_pixels=max_pixels,
-            dtype=dtype,
+            model, tokenizer, num_score_tokens=num_score_tokens, max_pixels=max_pixels, dtype=dtype
         )
     return scorer.requires_grad_(False).eval()

@@ -31,8 +31,8 @@ MAX_ASPECT_RATIO = 200  # the Qwen-VL processors refuse anything more elongated
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Target ``(height, width)``: multiples of ``factor``, area in ``[min_pixels, max_pixels]``,
     aspect ratio kept as closely as those allow (the Qwen-VL processors' rule)."""
-    target_h = max(factor, round(height / factor) * factor)
-    target_w = max(factor, round(width / factor) * factor)
+    target_h = round(height / factor) * factor
+    target_w = round(width / factor) * factor
     if target_h * target_w > max_pixels:
         scale = math.sqrt(height * width / max_pixels)
         target_h = max(factor, math.floor(height / scale / factor) * factor)
