@@ -77,10 +77,9 @@ def to_unit_pixels(
     empty batch, wrong rank or channel count, non-finite values or values outside ``input_range``.
     """
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
-        pixels = _to_unit(_as_tensor(images, "images", batched=True), input_range, "images", device)
-        if pixels.shape[0] == 0:
-            raise ValueError("empty batch: images has shape " + str(tuple(pixels.shape)))
-        return pixels
+        if images.shape[0] == 0:
+            raise ValueError(f"empty batch: images has shape {tuple(images.shape)}")
+        return _to_unit(_as_tensor(images, "images", batched=True), input_range, "images", device)
     if isinstance(images, (torch.Tensor, np.ndarray, Image.Image, str, os.PathLike)):
         images = [images]
     if not isinstance(images, Sequence):
