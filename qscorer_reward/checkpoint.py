@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -32,6 +33,7 @@ from .score_tokens import get_score_token_rows, set_score_token_rows
 HEAD_FILE = "head.safetensors"
 SCORE_TOKENS_FILE = "score_tokens.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 BUNDLED_DEFAULT = Path(__file__).parent / "default_model"
 # The name of the untrained stand-in bundled until a trained default model ships.
 UNTRAINED_PLACEHOLDER = "qscorer-tiny-untrained"
@@ -45,7 +47,7 @@ def save_checkpoint(scorer, directory: Path, weights_format: str) -> None:
     """
     config = dataclasses.replace(scorer.config, weights_format=weights_format)
     model = scorer.backbone.model
-    has_adapter = getattr(model, "_hf_peft_config_loaded", False)
+    has_adapter = has_lora(model)
     if weights_format == "full" and has_adapter:
         raise ValueError("the backbone carries a LoRA adapter: save weights_format='trained_parts', or merge it first")
     if weights_format == "trained_parts" and not config.base_model:
@@ -61,7 +63,7 @@ def save_checkpoint(scorer, directory: Path, weights_format: str) -> None:
             rows = get_score_token_rows(model, config.score_token_ids)
             save_file({k: v.contiguous().cpu() for k, v in rows.items()}, staging / SCORE_TOKENS_FILE)
             if has_adapter:
-                model.save_pretrained(staging)  # with an adapter loaded, transformers saves only the adapter
+                _save_adapter(model, staging)
         save_file({k: v.contiguous().cpu() for k, v in scorer.head.state_dict().items()}, staging / HEAD_FILE)
         if scorer.tokenizer is not None:
             scorer.tokenizer.save_pretrained(staging)
@@ -180,14 +182,53 @@ def _load_backbone(source: str | Path, **kwargs):
     return model
 
 
-def _load_adapter(model, directory: Path, merge: bool):
-    from peft import PeftModel
+# peft's on-disk adapter format prefixes parameter names as a `PeftModel` wrapping the model would.
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether peft adapter layers are injected into ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+def _save_adapter(model: nn.Module, directory: Path) -> None:
+    """The injected adapter in peft's format (``PeftModel.from_pretrained`` can load it too)."""
+    from peft import get_peft_model_state_dict
+
+    if len(model.peft_config) != 1:
+        raise ValueError(f"exactly one adapter can be saved, the backbone has {sorted(model.peft_config)}")
+    (adapter_name, adapter_config), *_ = model.peft_config.items()
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    adapter_config.save_pretrained(directory)
+    save_file({PEFT_KEY_PREFIX + k: v.contiguous().cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS_FILE)
+
+
+def _load_adapter(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
+    """Inject the adapter saved in ``directory`` into ``model``; merge it into the base weights
+    (and remove the adapter layers) when ``merge``. Refuses missing or mis-shaped adapter tensors."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
     try:
-        peft_model = PeftModel.from_pretrained(model, directory)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise ValueError(f"{directory}: cannot load the LoRA adapter ({err})") from err
-    return peft_model.merge_and_unload() if merge else peft_model.base_model.model
+        adapter_config = LoraConfig.from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"{directory / ADAPTER_CONFIG_FILE}: cannot read the LoRA adapter config ({err})") from err
+    adapter_config.inference_mode = True
+    inject_adapter_in_model(adapter_config, model)
+    expected = {PEFT_KEY_PREFIX + k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    state = read_safetensors(directory / ADAPTER_WEIGHTS_FILE, "the LoRA adapter weights", expected)
+    set_peft_model_state_dict(model, {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in state.items()})
+    if merge:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+                parent_name, _, child_name = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child_name, module.get_base_layer())
+        del model.peft_config
+    return model
 
 
 def read_safetensors(

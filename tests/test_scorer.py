@@ -136,7 +136,8 @@ def test_no_graph_is_built_when_nothing_needs_gradients():
 def test_autograd_agrees_with_finite_differences_in_float64(family):
     """Central differences along random directions. transformers' RMSNorm computes in float32 even
     for float64 weights, so the differences carry float32 rounding: epsilon 1e-3 balances that
-    against truncation error, and they agree with autograd to ~1e-4 (float32 noise in the scores sets the absolute floor)."""
+    against truncation error, and they agree with autograd to ~1e-4 (float32 noise in the scores
+    sets the absolute floor)."""
     scorer = tiny_scorer(family, num_score_tokens=5).double()
     generator = torch.Generator().manual_seed(0)
     # values away from 0 and 1 so the clamps after each resize pass are inactive

@@ -1,0 +1,225 @@
+"""Checkpoint round trips in both forms, and precise errors for broken checkpoint directories."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import load_file, save_file
+
+from qscorer_reward import QScorer
+from qscorer_reward.testing import tiny_base_model, tiny_scorer
+
+IMAGES = [torch.rand(3, 56, 70, generator=torch.Generator().manual_seed(0)), torch.rand(3, 90, 50)]
+
+
+@pytest.mark.parametrize("num_score_tokens", [1, 5])
+def test_full_checkpoint_round_trip_gives_identical_scores(tmp_path, family, num_score_tokens):
+    scorer = tiny_scorer(family, num_score_tokens=num_score_tokens)
+    scorer.save_pretrained(tmp_path / "checkpoint")
+    files = {p.name for p in (tmp_path / "checkpoint").iterdir()}
+    assert {"qscorer_config.json", "head.safetensors", "model.safetensors", "config.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    loaded = QScorer.from_pretrained(tmp_path / "checkpoint")
+    assert torch.equal(loaded(IMAGES), scorer(IMAGES))
+    assert loaded.config == scorer.config
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.fixture
+def base_model_dir(tmp_path):
+    model, tokenizer = tiny_base_model("qwen2_5_vl", seed=7)
+    directory = tmp_path / "base"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _trained_scorer(base_model_dir):
+    """A scorer on a base model directory with everything training changes perturbed: LoRA on the
+    attention projections, the score-token rows and the head."""
+    scorer = QScorer.from_base_model(base_model_dir, num_score_tokens=5, max_pixels=112 * 112)
+    assert scorer.config.base_model == str(base_model_dir)
+    generator = torch.Generator().manual_seed(3)
+    model = scorer.backbone.model
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    inject_adapter_in_model(lora, model)
+    with torch.no_grad():
+        ids = scorer.config.score_token_ids
+        model.get_input_embeddings().weight[ids] += torch.randn(5, 64, generator=generator)
+        model.get_output_embeddings().weight[ids] += torch.randn(5, 64, generator=generator)
+        for param in scorer.head.parameters():
+            param += 0.1 * torch.randn(param.shape, generator=generator)
+    return scorer.eval()
+
+
+def test_trained_parts_round_trip(base_model_dir, tmp_path):
+    scorer = _trained_scorer(base_model_dir)
+    expected = scorer(IMAGES)
+    untouched = QScorer.from_base_model(base_model_dir, num_score_tokens=5, max_pixels=112 * 112)
+    assert not torch.allclose(untouched(IMAGES), expected, atol=1e-3)  # the parts matter
+
+    scorer.save_pretrained(tmp_path / "parts", weights_format="trained_parts")
+    files = {p.name for p in (tmp_path / "parts").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "score_tokens.safetensors", "head.safetensors"} <= files
+    assert "model.safetensors" not in files
+    assert json.loads((tmp_path / "parts" / "qscorer_config.json").read_text())["weights_format"] == "trained_parts"
+
+    unmerged = QScorer.from_pretrained(tmp_path / "parts", merge_lora=False)
+    assert torch.equal(unmerged(IMAGES), expected)
+    merged = QScorer.from_pretrained(tmp_path / "parts")
+    assert torch.allclose(merged(IMAGES), expected, atol=1e-5)
+    assert not any(p.requires_grad for p in merged.parameters())
+
+
+def test_trained_parts_without_lora(base_model_dir, tmp_path):
+    scorer = QScorer.from_base_model(base_model_dir, num_score_tokens=1, max_pixels=112 * 112)
+    scorer.save_pretrained(tmp_path / "parts", weights_format="trained_parts")
+    assert not (tmp_path / "parts" / "adapter_config.json").exists()
+    assert torch.equal(QScorer.from_pretrained(tmp_path / "parts")(IMAGES), scorer(IMAGES))
+
+
+def test_full_form_refuses_an_unmerged_adapter(base_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        _trained_scorer(base_model_dir).save_pretrained(tmp_path / "full", weights_format="full")
+
+
+def test_trained_parts_need_a_base_model(tmp_path):
+    with pytest.raises(ValueError, match="base_model"):
+        tiny_scorer().save_pretrained(tmp_path / "parts", weights_format="trained_parts")
+
+
+def test_load_in_bfloat16_on_request(tmp_path):
+    tiny_scorer().save_pretrained(tmp_path / "checkpoint")
+    loaded = QScorer.from_pretrained(tmp_path / "checkpoint", dtype=torch.bfloat16, device="cpu")
+    assert loaded.dtype == torch.bfloat16
+    assert loaded(IMAGES).dtype == torch.float32
+
+
+def test_saving_over_a_checkpoint_is_atomic(tmp_path, monkeypatch):
+    first, second = tiny_scorer(seed=0), tiny_scorer(seed=1)
+    target = tmp_path / "checkpoint"
+    first.save_pretrained(target)
+    import qscorer_reward.checkpoint as checkpoint
+
+    def failing_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        second.save_pretrained(target)
+    monkeypatch.undo()
+    assert torch.equal(QScorer.from_pretrained(target)(IMAGES), first(IMAGES))  # the old one intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no leftovers
+    second.save_pretrained(target)
+    assert torch.equal(QScorer.from_pretrained(target)(IMAGES), second(IMAGES))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+# ---------------------------------------------------------------- broken checkpoints
+
+
+@pytest.fixture
+def checkpoint_dir(tmp_path):
+    directory = tmp_path / "checkpoint"
+    tiny_scorer().save_pretrained(directory)
+    return directory
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_missing_config_is_named(checkpoint_dir):
+    (checkpoint_dir / "qscorer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="qscorer_config.json not found"):
+        QScorer.from_pretrained(checkpoint_dir)
+
+
+def test_missing_head_is_named(checkpoint_dir):
+    (checkpoint_dir / "head.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="head.safetensors not found.*score head"):
+        QScorer.from_pretrained(checkpoint_dir)
+
+
+def test_truncated_head_is_named(checkpoint_dir):
+    _truncate(checkpoint_dir / "head.safetensors")
+    with pytest.raises(ValueError, match="head.safetensors.*truncated"):
+        QScorer.from_pretrained(checkpoint_dir)
+
+
+def test_wrong_head_shape_is_named(checkpoint_dir):
+    path = checkpoint_dir / "head.safetensors"
+    tensors = load_file(path)
+    tensors["mlp.0.weight"] = torch.zeros(32, 48)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match="head.safetensors: tensor 'mlp.0.weight' has shape \\(32, 48\\), expected"):
+        QScorer.from_pretrained(checkpoint_dir)
+
+
+def test_truncated_backbone_weights_are_named(checkpoint_dir):
+    _truncate(checkpoint_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors.*truncated"):
+        QScorer.from_pretrained(checkpoint_dir)
+
+
+def test_missing_backbone_weights_are_named(checkpoint_dir):
+    (checkpoint_dir / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no backbone weights"):
+        QScorer.from_pretrained(checkpoint_dir)
+
+
+def test_backbone_weights_of_the_wrong_shape_are_named(checkpoint_dir):
+    path = checkpoint_dir / "model.safetensors"
+    tensors = load_file(path)
+    name = next(n for n in tensors if n.endswith("q_proj.weight"))
+    tensors[name] = torch.zeros(8, 8)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="checkpoint.*(shape|mismatch|size)"):
+        QScorer.from_pretrained(checkpoint_dir)
+
+
+def test_backbone_weights_with_missing_tensors_are_named(checkpoint_dir):
+    path = checkpoint_dir / "model.safetensors"
+    tensors = load_file(path)
+    del tensors[next(n for n in tensors if n.endswith("q_proj.weight"))]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="backbone weights do not match.*missing_keys"):
+        QScorer.from_pretrained(checkpoint_dir)
+
+
+def test_broken_trained_parts_are_named(base_model_dir, tmp_path):
+    directory = tmp_path / "parts"
+    _trained_scorer(base_model_dir).save_pretrained(directory, weights_format="trained_parts")
+    rows = directory / "score_tokens.safetensors"
+    original = rows.read_bytes()
+    save_file({"input_embeddings": torch.zeros(4, 64), "output_embeddings": torch.zeros(5, 64)}, rows)
+    with pytest.raises(ValueError, match="score_tokens.safetensors: tensor 'input_embeddings' has shape \\(4, 64\\)"):
+        QScorer.from_pretrained(directory)
+    rows.unlink()
+    with pytest.raises(FileNotFoundError, match="score_tokens.safetensors not found"):
+        QScorer.from_pretrained(directory)
+    rows.write_bytes(original)
+    _truncate(directory / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="adapter_model.safetensors.*truncated"):
+        QScorer.from_pretrained(directory)
+
+
+def test_missing_base_model_is_named(base_model_dir, tmp_path):
+    directory = tmp_path / "parts"
+    _trained_scorer(base_model_dir).save_pretrained(directory, weights_format="trained_parts")
+    config = json.loads((directory / "qscorer_config.json").read_text())
+    config["base_model"] = str(tmp_path / "nowhere" / "base")
+    (directory / "qscorer_config.json").write_text(json.dumps(config))
+    with pytest.raises((OSError, ValueError), match="nowhere"):
+        QScorer.from_pretrained(directory)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        QScorer.from_pretrained(tmp_path / "absent")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        QScorer.from_pretrained(tmp_path / "file")
