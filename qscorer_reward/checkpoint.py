@@ -22,9 +22,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import CONFIG_NAME, QScorerConfig
 from .head import ScoreHead
@@ -161,25 +161,41 @@ def _load_backbone(source: str | Path, **kwargs):
     from transformers import AutoModelForImageTextToText
 
     source_dir = Path(source)
+    weights = source
     if source_dir.is_dir():
-        if not (source_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{source_dir / 'config.json'} not found: the backbone's config is missing")
-        weight_files = sorted(source_dir.glob("*.safetensors"))
-        weight_files = [f for f in weight_files if f.name not in (HEAD_FILE, SCORE_TOKENS_FILE)]
-        weight_files = [f for f in weight_files if not f.name.startswith("adapter_")]
-        if not weight_files:
-            raise FileNotFoundError(f"{source_dir}: no backbone weights (model.safetensors) found")
-        for weight_file in weight_files:
-            read_safetensors(weight_file, "backbone weights", header_only=True)
+        weights = _check_backbone_files(source_dir)
     try:
-        model, info = AutoModelForImageTextToText.from_pretrained(source, output_loading_info=True, **kwargs)
+        # Mismatched sizes are let through here only to be reported precisely below.
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
     except (OSError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{source}: cannot load the backbone ({err})") from err
-    problems = {key: info.get(key) for key in ("missing_keys", "mismatched_keys", "unexpected_keys")}
-    problems = {key: sorted(map(str, value))[:5] for key, value in problems.items() if value}
+    for name, *shapes in info.get("mismatched_keys") or []:
+        found, expected = (tuple(shape) for shape in shapes[:2])
+        raise ValueError(f"{weights}: tensor {name!r} has shape {found}, expected {expected}")
+    problems = {key: sorted(map(str, info.get(key) or []))[:5] for key in ("missing_keys", "unexpected_keys")}
+    problems = {key: value for key, value in problems.items() if value}
     if problems:
-        raise ValueError(f"{source}: backbone weights do not match its config.json: {problems}")
+        raise ValueError(f"{weights}: backbone weights do not match its config.json: {problems}")
     return model
+
+
+def _check_backbone_files(directory: Path) -> Path:
+    """Check that the backbone's config and safetensors files are there and readable (a truncated
+    file fails here, naming it); returns the weights file, or the directory if sharded."""
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'config.json'} not found: the backbone's config is missing")
+    weight_files = [
+        path
+        for path in sorted(directory.glob("*.safetensors"))
+        if path.name not in (HEAD_FILE, SCORE_TOKENS_FILE, ADAPTER_WEIGHTS_FILE)
+    ]
+    if not weight_files:
+        raise FileNotFoundError(f"{directory}: no backbone weights (model.safetensors) found")
+    for path in weight_files:
+        read_safetensors_shapes(path, "backbone weights")
+    return weight_files[0] if len(weight_files) == 1 else directory
 
 
 # peft's on-disk adapter format prefixes parameter names as a `PeftModel` wrapping the model would.
@@ -232,24 +248,33 @@ def _load_adapter(model: nn.Module, directory: Path, merge: bool) -> nn.Module:
 
 
 def read_safetensors(
-    path: Path,
-    what: str,
-    expected_shapes: dict[str, tuple[int, ...]] | None = None,
-    header_only: bool = False,
+    path: Path, what: str, expected_shapes: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, torch.Tensor]:
     """Read a safetensors file, with errors that name the file and say what is wrong with it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the checkpoint is missing {what}")
+    _require_file(path, what)
     try:
         with safe_open(path, framework="pt") as handle:
-            if header_only:
-                return {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} ({what}) is truncated or not a safetensors file: {err}") from err
     if expected_shapes is not None:
         check_tensors(tensors, expected_shapes, path)
     return tensors
+
+
+def read_safetensors_shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, without reading the data; errors as `read_safetensors`."""
+    _require_file(path, what)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} ({what}) is truncated or not a safetensors file: {err}") from err
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the checkpoint is missing {what}")
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: Path) -> None:
