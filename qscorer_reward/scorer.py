@@ -218,16 +218,14 @@ class QScorer(nn.Module):
             batch_size: score at most this many images per forward pass (default: all at once).
                 Images are loaded per chunk, so a long list of paths is never all in memory.
         """
+        weights_need_grad = any(p.requires_grad for p in self.parameters())
         scores = []
         for chunk in _chunks(images, batch_size):
             pixels = to_unit_pixels(chunk, input_range, self.device, self.max_image_pixels)
-            input_needs_grad = (
+            pixels_need_grad = (
                 pixels.requires_grad if isinstance(pixels, torch.Tensor) else any(p.requires_grad for p in pixels)
             )
-            needs_grad = torch.is_grad_enabled() and (
-                input_needs_grad or any(p.requires_grad for p in self.parameters())
-            )
-            with torch.set_grad_enabled(needs_grad):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (weights_need_grad or pixels_need_grad)):
                 scores.append(self.score_inputs(self.backbone.prepare(pixels)))
         return scores[0] if len(scores) == 1 else torch.cat(scores)
 

@@ -224,3 +224,31 @@ def test_not_a_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError):
         QScorer.from_pretrained(tmp_path / "file")
+
+
+def test_base_model_processor_config_sets_pixel_statistics(base_model_dir):
+    (base_model_dir / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "min_pixels": 1024})
+    )
+    scorer = QScorer.from_base_model(base_model_dir)
+    assert scorer.config.image_mean == (0.5, 0.5, 0.5) and scorer.config.image_std == (0.5, 0.5, 0.5)
+    assert scorer.config.min_pixels == 1024
+    assert scorer.config.max_pixels == 448 * 448
+    assert scorer.config.patch_size == 14 and scorer.config.merge_size == 2
+
+
+def test_adapter_file_is_in_peft_format(base_model_dir, tmp_path):
+    """`peft.PeftModel.from_pretrained` finds every adapter tensor in the file we write."""
+    import warnings
+
+    from peft import PeftModel
+
+    scorer = _trained_scorer(base_model_dir)
+    scorer.save_pretrained(tmp_path / "parts", weights_format="trained_parts")
+    model, _ = tiny_base_model("qwen2_5_vl", seed=7)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys.*")
+        peft_model = PeftModel.from_pretrained(model, tmp_path / "parts")
+    ours = {n: p for n, p in scorer.backbone.model.named_parameters() if "lora_" in n}
+    theirs = {n.removeprefix("base_model.model."): p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)

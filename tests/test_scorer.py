@@ -156,10 +156,11 @@ def test_autograd_agrees_with_finite_differences_in_float64(family):
         assert numeric == pytest.approx(analytic, rel=3e-4, abs=3e-4)
 
 
-def test_bfloat16_backbone_returns_float32_scores_close_to_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_backbone_returns_float32_scores_close_to_float32(dtype):
     full = tiny_scorer("qwen2_vl")
-    half = tiny_scorer("qwen2_vl", dtype=torch.bfloat16)
-    assert half.dtype == torch.bfloat16
+    half = tiny_scorer("qwen2_vl", dtype=dtype)
+    assert half.dtype == dtype
     assert all(p.dtype == torch.float32 for p in half.head.parameters())
     images = torch.rand(3, 3, 56, 56, generator=torch.Generator().manual_seed(0), requires_grad=True)
     scores = half(images)
