@@ -1,4 +1,6 @@
-"""Tiny random Q-Scorers built offline from configs in code, for tests, examples and benchmarks.
+"""Tiny random models built offline from configs in code, for tests, examples and benchmarks.
+
+This module builds Q-Scorers; its siblings build other tiny models the integrations need.
 
 Nothing is downloaded: the backbone is a transformers Qwen-VL model with a few small layers and
 random weights, and the tokenizer a byte-level BPE (no merges) built with the ``tokenizers`` library
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .scorer import QScorer
+from ..scorer import QScorer
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
