@@ -84,17 +84,17 @@ class QwenVLBackbone(Backbone):
         groups: dict[tuple, list[int]] = {}
         for index, key in enumerate(zip(sizes, targets)):
             groups.setdefault(key, []).append(index)
-        patches_per_image: list[torch.Tensor | None] = [None] * len(sizes)
-        for (_, (target_h, target_w)), indices in groups.items():
-            if isinstance(pixels, torch.Tensor) and len(indices) == len(sizes):
-                group = pixels
-            else:
-                group = torch.stack([pixels[i] for i in indices])
-            group = normalize(resize_antialiased(group, target_h, target_w), cfg.image_mean, cfg.image_std)
-            patches = patchify(group, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
-            for i, chunk in zip(indices, patches.chunk(len(indices))):
-                patches_per_image[i] = chunk
-        pixel_values = patches_per_image[0] if len(sizes) == 1 else torch.cat(patches_per_image)
+        if len(groups) == 1:
+            # The common case (one batched tensor in a reward loop): no regrouping copies.
+            batch = pixels if isinstance(pixels, torch.Tensor) else torch.stack(list(pixels))
+            pixel_values = self._patches(batch, *targets[0])
+        else:
+            patches_per_image: list[torch.Tensor] = [None] * len(sizes)
+            for (_, (target_h, target_w)), indices in groups.items():
+                patches = self._patches(torch.stack([pixels[i] for i in indices]), target_h, target_w)
+                for i, chunk in zip(indices, patches.chunk(len(indices))):
+                    patches_per_image[i] = chunk
+            pixel_values = torch.cat(patches_per_image)
 
         grids = [(1, h // cfg.patch_size, w // cfg.patch_size) for h, w in targets]
         input_ids, attention_mask, position_ids, score_positions = self._token_layout(grids)
@@ -110,6 +110,12 @@ class QwenVLBackbone(Backbone):
                 "position_ids": position_ids.to(device),
             },
         )
+
+    def _patches(self, pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``[N, 3, H, W]`` pixels in [0, 1] -> ``[N * patches, patch_dim]`` normalised patches."""
+        cfg = self.config
+        pixels = normalize(resize_antialiased(pixels, height, width), cfg.image_mean, cfg.image_std)
+        return patchify(pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
 
     def _token_layout(self, grids: list[tuple[int, int, int]]):
         """Token ids, padding mask, rotary positions ``[3, B, L]`` and score positions, on the host."""
