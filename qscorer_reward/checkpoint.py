@@ -52,6 +52,11 @@ def save_checkpoint(scorer, directory: Path, weights_format: str) -> None:
         raise ValueError("the backbone carries a LoRA adapter: save weights_format='trained_parts', or merge it first")
     if weights_format == "trained_parts" and not config.base_model:
         raise ValueError("weights_format='trained_parts' needs config.base_model, the model the parts apply to")
+    if weights_format == "trained_parts" and scorer.adapter_merged:
+        raise ValueError(
+            "this scorer's LoRA adapter was merged into the base weights when it was loaded, so the trained "
+            "parts can no longer be told apart: save weights_format='full', or load with merge_lora=False"
+        )
 
     directory = directory.resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +127,7 @@ def load_checkpoint(
     except (OSError, ValueError) as err:
         raise ValueError(f"{directory}: cannot load the tokenizer files ({err})") from err
 
+    adapter_merged = False
     load_kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if config.weights_format == "full":
         model = _load_backbone(directory, **load_kwargs)
@@ -140,6 +146,7 @@ def load_checkpoint(
         set_score_token_rows(model, config.score_token_ids, rows)
         if (directory / ADAPTER_CONFIG_FILE).is_file():
             model = _load_adapter(model, directory, merge_lora)
+            adapter_merged = merge_lora
 
     hidden_size = model.get_input_embeddings().weight.shape[1]
     head = ScoreHead(hidden_size, config.head_hidden_sizes, config.score_range, config.score_bound_sharpness)
@@ -147,6 +154,7 @@ def load_checkpoint(
     check_tensors(head_state, expected, directory / HEAD_FILE)
     head.load_state_dict(head_state)
     scorer = QScorer.assemble(config, model, tokenizer, head)
+    scorer.adapter_merged = adapter_merged
     if config.model_name == UNTRAINED_PLACEHOLDER:
         warnings.warn(
             "the bundled default model is an UNTRAINED placeholder (random weights): its scores carry no "

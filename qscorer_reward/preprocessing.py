@@ -118,6 +118,8 @@ def _as_tensor(item: torch.Tensor | np.ndarray, name: str, batched: bool) -> tor
             raise ValueError(f"{name}: numpy images must be [H, W], [H, W, C] or [B, H, W, C], got shape {array.shape}")
         if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
             raise TypeError(f"{name}: numpy images must be uint8 or float, got {array.dtype}")
+        if not array.flags.writeable:  # e.g. np.asarray(pil_image); torch wants memory it may write
+            array = array.copy()
         return torch.from_numpy(np.ascontiguousarray(array)).movedim(-1, -3)
     if item.ndim != rank:
         expected = "[B, C, H, W]" if batched else "[C, H, W]"

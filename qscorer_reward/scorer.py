@@ -49,6 +49,9 @@ class QScorer(nn.Module):
         self.head = head
         self.tokenizer = tokenizer
         self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+        # Set when a LoRA adapter was merged into the base weights at load: the trained parts can
+        # then no longer be saved apart from the base model.
+        self.adapter_merged = False
         self._gradient_checkpointing = False
 
     # ------------------------------------------------------------------ construction
@@ -245,7 +248,10 @@ class QScorer(nn.Module):
         their submodules', so dropout stays off) is raised on the checkpointed layers.
         """
         model = self.backbone.model
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:  # the older name, which is all that earlier transformers 5 releases (5.17 for one) have
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         if getattr(model, "_require_grads_hook", None) is not None:
             # Only needed for reentrant checkpointing with frozen embeddings; it would make every
             # call build a graph.
@@ -254,7 +260,11 @@ class QScorer(nn.Module):
         self._sync_checkpointed_layers()
 
     def gradient_checkpointing_disable(self) -> None:
-        self.backbone.model.activation_checkpointing_disable()
+        model = self.backbone.model
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
         self._gradient_checkpointing = False
         self._sync_checkpointed_layers()
 

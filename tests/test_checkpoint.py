@@ -72,6 +72,13 @@ def test_trained_parts_round_trip(base_model_dir, tmp_path):
     merged = QScorer.from_pretrained(tmp_path / "parts")
     assert torch.allclose(merged(IMAGES), expected, atol=1e-5)
     assert not any(p.requires_grad for p in merged.parameters())
+    # the merged adapter cannot be saved apart again, only as a whole model
+    with pytest.raises(ValueError, match="merged into the base weights"):
+        merged.save_pretrained(tmp_path / "again", weights_format="trained_parts")
+    merged.save_pretrained(tmp_path / "whole", weights_format="full")
+    assert torch.allclose(QScorer.from_pretrained(tmp_path / "whole")(IMAGES), expected, atol=1e-5)
+    unmerged.save_pretrained(tmp_path / "again", weights_format="trained_parts")
+    assert torch.equal(QScorer.from_pretrained(tmp_path / "again", merge_lora=False)(IMAGES), expected)
 
 
 def test_trained_parts_without_lora(base_model_dir, tmp_path):
