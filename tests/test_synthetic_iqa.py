@@ -1,0 +1,166 @@
+"""The synthetic IQA dataset, the held-out evaluation set, its measures, and the evaluation script
+end to end with the bundled model."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qscorer_reward.training import content
+from qscorer_reward.training.distortions import DISTORTION_TYPES, LEVELS
+from qscorer_reward.training.synthetic_evaluation import spearman, summarise
+from qscorer_reward.training.synthetic_iqa import (
+    MANIFEST_COLUMNS,
+    PRISTINE,
+    SyntheticIQADataset,
+    read_manifest,
+    write_evaluation_set,
+)
+
+SIZE = 64
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_synthetic_quality.py"
+
+
+def test_samples_are_deterministic_in_seed_and_index_and_well_formed():
+    dataset = SyntheticIQADataset(40, seed=3, size=SIZE)
+    same_seed = SyntheticIQADataset(40, seed=3, size=SIZE)
+    other_seed = SyntheticIQADataset(40, seed=4, size=SIZE)
+    distortions = set()
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        again = same_seed[index]
+        assert torch.equal(sample["image"], again["image"]) and sample["mos"] == again["mos"]
+        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, SIZE, SIZE)
+        assert 1.0 <= sample["mos"] <= 5.0
+        assert not sample["source"].startswith("photo:") or sample["source"][6:] in content.TRAIN_PHOTOS
+        if sample["distortion"] == PRISTINE:
+            assert sample["mos"] == 5.0 and sample["level"] == 0.0 and sample["implementation"] == "none"
+        else:
+            distortion = DISTORTION_TYPES[sample["distortion"]]
+            assert 1.0 <= sample["level"] <= 5.0 and sample["mos"] < 5.0
+            assert sample["implementation"] in distortion.implementations("train")
+        distortions.add(sample["distortion"])
+    assert PRISTINE in distortions and len(distortions) > 10
+    assert not torch.equal(dataset[0]["image"], other_seed[0]["image"])
+    with pytest.raises(IndexError):
+        dataset[40]
+
+
+def test_options_restrict_types_and_levels_and_batches_collate():
+    dataset = SyntheticIQADataset(12, size=SIZE, distortions=["jpeg", "gaussian_blur"], continuous_levels=False)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=12)))
+    assert batch["image"].shape == (12, 3, SIZE, SIZE) and batch["mos"].shape == (12,)
+    assert set(batch["distortion"]) <= {"jpeg", "gaussian_blur", PRISTINE}
+    assert all(float(level).is_integer() for level in batch["level"])
+    assert SyntheticIQADataset(5, size=SIZE, pristine_fraction=1.0)[2]["distortion"] == PRISTINE
+    with pytest.raises(ValueError, match="unknown or no distortion types"):
+        SyntheticIQADataset(5, distortions=["jpeg", "sepia"])
+
+
+@pytest.fixture(scope="module")
+def evaluation_set(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("evaluation")
+    manifest = write_evaluation_set(directory, crops_per_photo=2, size=SIZE, distortions=["jpeg", "lens_blur"])
+    return manifest, read_manifest(manifest)
+
+
+def test_evaluation_set_holds_held_out_crops_with_held_out_implementations(evaluation_set):
+    manifest, rows = evaluation_set
+    assert manifest.read_text().splitlines()[0].split(",") == list(MANIFEST_COLUMNS)
+    crops = 2 * len(content.HELD_OUT_PHOTOS)
+    assert len(rows) == crops * (1 + 2 * len(LEVELS))
+    for row in rows:
+        assert row["image"].is_file()
+        assert row["source"].removeprefix("photo:") in content.HELD_OUT_PHOTOS
+        if row["distortion"] == PRISTINE:
+            assert row["mos"] == 5.0 and row["level"] == 0
+        else:
+            assert row["implementation"] in DISTORTION_TYPES[row["distortion"]].implementations("held_out")
+            assert 1.0 <= row["mos"] < 5.0
+
+
+def test_evaluation_set_is_reproducible_and_a_subset_matches_the_full_set(evaluation_set, tmp_path):
+    _, rows = evaluation_set
+    subset = read_manifest(write_evaluation_set(tmp_path, crops_per_photo=1, size=SIZE, distortions=["lens_blur"]))
+    by_key = {(row["group"], row["distortion"], row["level"]): row for row in rows}
+    for row in subset:
+        original = by_key[(row["group"], row["distortion"], row["level"])]
+        assert row["image"].read_bytes() == original["image"].read_bytes()
+        assert row["mos"] == original["mos"]
+
+
+def test_the_training_modules_manifest_reader_takes_the_evaluation_set(evaluation_set):
+    from qscorer_reward.training.datasets import read_manifest as read_training_manifest
+
+    manifest, rows = evaluation_set
+    records = read_training_manifest(manifest)
+    assert [Path(record.path).resolve() for record in records] == [row["image"] for row in rows]
+    assert [record.mos for record in records] == pytest.approx([row["mos"] for row in rows])
+    assert [record.group for record in records] == [row["group"] for row in rows]
+
+
+def _oracle_scores(rows, sign=1.0):
+    """Scores that fall (sign 1) or rise (sign -1) with the level, identically for every crop."""
+    return np.array([5.0 - sign * row["level"] for row in rows])
+
+
+def test_measures_reward_a_perfect_ranking_and_punish_a_reversed_or_constant_one(evaluation_set):
+    _, rows = evaluation_set
+    perfect = summarise(rows, _oracle_scores(rows))
+    assert perfect["mean_srcc"] == pytest.approx(1.0) and perfect["mean_within_crop_srcc"] == pytest.approx(1.0)
+    assert perfect["pristine_above_level5"] == 1.0 and perfect["meets_targets"]
+    assert set(perfect["per_distortion"]) == {"jpeg", "lens_blur"}
+    reversed_ = summarise(rows, _oracle_scores(rows, sign=-1.0))
+    assert reversed_["mean_srcc"] == pytest.approx(-1.0) and reversed_["pristine_above_level5"] == 0.0
+    assert not reversed_["meets_targets"]
+    constant = summarise(rows, np.full(len(rows), 3.0))
+    assert constant["mean_srcc"] == 0.0 and constant["pristine_above_level5"] == 0.0
+
+
+def test_pooled_srcc_counts_content_differences_and_within_crop_srcc_does_not(evaluation_set):
+    _, rows = evaluation_set
+    # A perfect ranker whose scores are offset per crop by more than the level range.
+    offsets = {crop: 10.0 * index for index, crop in enumerate(sorted({row["group"] for row in rows}))}
+    scores = np.array([offsets[row["group"]] - row["level"] for row in rows])
+    summary = summarise(rows, scores)
+    assert summary["mean_within_crop_srcc"] == pytest.approx(1.0)
+    assert summary["mean_srcc"] < 0.5
+    assert summary["pristine_above_level5"] == 1.0
+
+
+def test_spearman_is_zero_without_ranking_information():
+    assert spearman([1.0, 2.0, 3.0], [2.0, 4.0, 9.0]) == pytest.approx(1.0)
+    assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("evaluate_synthetic_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluation_script_scores_the_bundled_model_end_to_end(tmp_path, capsys):
+    script = _load_script()
+    arguments = ["--eval-dir", str(tmp_path / "set"), "--crops-per-photo", "1", "--size", str(SIZE)]
+    arguments += ["--distortions", "jpeg,white_noise,gaussian_blur", "--json", str(tmp_path / "result.json")]
+    with pytest.warns(UserWarning, match="UNTRAINED placeholder"):
+        assert script.main(arguments) == 0
+    output = capsys.readouterr().out
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert set(result["per_distortion"]) == {"jpeg", "white_noise", "gaussian_blur"}
+    assert result["images"] == len(content.HELD_OUT_PHOTOS) * (1 + 3 * len(LEVELS))
+    assert -1.0 <= result["mean_srcc"] <= 1.0 and 0.0 <= result["pristine_above_level5"] <= 1.0
+    assert result["model"].startswith("bundled") and result["evaluation_set"]["size"] == SIZE
+    assert "white_noise" in output and "mean" in output
+
+    # A second run reuses the set; a request with other settings for the same directory is refused.
+    manifest_written = (tmp_path / "set" / "manifest.csv").stat().st_mtime_ns
+    with pytest.warns(UserWarning, match="UNTRAINED placeholder"):
+        script.main(arguments)
+    assert (tmp_path / "set" / "manifest.csv").stat().st_mtime_ns == manifest_written
+    with pytest.raises(SystemExit, match="written with"):
+        script.main([*arguments[:4], "--size", "96"])
