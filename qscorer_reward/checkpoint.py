@@ -10,6 +10,8 @@ Layout (safetensors only; nothing is ever unpickled)::
     # weights_format == "trained_parts": only what training changed, on top of config.base_model
     score_tokens.safetensors    input_embeddings / output_embeddings, [K, hidden] each
     adapter_config.json, adapter_model.safetensors   peft LoRA adapter (when one was trained)
+    trained_modules.safetensors   whole backbone tensors that were trained (e.g. the vision tower),
+                                  by their names in the backbone model (when any were)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ HEAD_FILE = "head.safetensors"
 SCORE_TOKENS_FILE = "score_tokens.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+TRAINED_MODULES_FILE = "trained_modules.safetensors"
 BUNDLED_DEFAULT = Path(__file__).parent / "default_model"
 # The name of the untrained stand-in bundled until a trained default model ships.
 UNTRAINED_PLACEHOLDER = "qscorer-tiny-untrained"
@@ -73,13 +76,15 @@ def save_checkpoint(scorer, directory: Path, weights_format: str) -> None:
         if scorer.tokenizer is not None:
             scorer.tokenizer.save_pretrained(staging)
         config.to_json_file(staging / CONFIG_NAME)
-        _replace_directory(staging, directory)
+        replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _replace_directory(new: Path, target: Path) -> None:
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the complete directory ``new`` to ``target``, replacing what was there; ``target`` is at
+    every moment either the old or the new directory (or absent if there was none)."""
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.replace(target, old / target.name)
@@ -144,6 +149,8 @@ def load_checkpoint(
             expected_shapes={"input_embeddings": rows_shape, "output_embeddings": rows_shape},
         )
         set_score_token_rows(model, config.score_token_ids, rows)
+        if (directory / TRAINED_MODULES_FILE).is_file():
+            _load_trained_modules(model, directory / TRAINED_MODULES_FILE)
         if (directory / ADAPTER_CONFIG_FILE).is_file():
             model = _load_adapter(model, directory, merge_lora)
             adapter_merged = merge_lora
@@ -197,13 +204,27 @@ def _check_backbone_files(directory: Path) -> Path:
     weight_files = [
         path
         for path in sorted(directory.glob("*.safetensors"))
-        if path.name not in (HEAD_FILE, SCORE_TOKENS_FILE, ADAPTER_WEIGHTS_FILE)
+        if path.name not in (HEAD_FILE, SCORE_TOKENS_FILE, ADAPTER_WEIGHTS_FILE, TRAINED_MODULES_FILE)
     ]
     if not weight_files:
         raise FileNotFoundError(f"{directory}: no backbone weights (model.safetensors) found")
     for path in weight_files:
         read_safetensors_shapes(path, "backbone weights")
     return weight_files[0] if len(weight_files) == 1 else directory
+
+
+def _load_trained_modules(model: nn.Module, path: Path) -> None:
+    """Overwrite backbone tensors with the trained ones saved in ``path`` (names as in
+    ``model.state_dict()``), refusing names the model does not have and mis-shaped tensors."""
+    own = model.state_dict()
+    shapes = read_safetensors_shapes(path, "the trained backbone modules")
+    unknown = sorted(set(shapes) - set(own))
+    if unknown:
+        raise ValueError(f"{path}: tensors {unknown[:5]} are not in the backbone model")
+    tensors = read_safetensors(path, "the trained backbone modules", {name: tuple(own[name].shape) for name in shapes})
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
 
 
 # peft's on-disk adapter format prefixes parameter names as a `PeftModel` wrapping the model would.

@@ -1,4 +1,10 @@
-"""The ``qscorer`` command line: ``qscorer score PATH...`` scores image files and folders."""
+"""The ``qscorer`` command line.
+
+- ``qscorer score PATH...`` scores image files and folders.
+- ``qscorer train --config FILE.yaml`` fine-tunes a Q-Scorer (also under ``accelerate launch``).
+- ``qscorer eval --checkpoint DIR (--dataset NAME --root DIR | --manifest FILE)`` reports SRCC,
+  PLCC, KRCC and RMSE on a dataset.
+"""
 
 from __future__ import annotations
 
@@ -127,6 +133,68 @@ def _score_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _train_command(args: argparse.Namespace) -> int:
+    from .training.config import TrainingConfig
+    from .training.trainer import ScoreTokenTrainer
+
+    config = TrainingConfig.from_file(args.config)
+    overrides = {"output_dir": args.output_dir, "max_steps": args.max_steps}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(config, name, value)
+    config.__post_init__()
+    resume = {"auto": "auto", "none": None}.get(args.resume, args.resume)
+    ScoreTokenTrainer(config).train(resume=resume)
+    return 0
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from .scorer import QScorer
+    from .training.config import DatasetConfig
+    from .training.evaluation import dataset_metrics, format_table, predict, write_report
+    from .training.sources import load_records
+
+    if args.manifest:
+        spec = DatasetConfig(
+            name=args.name or Path(args.manifest).stem,
+            path=args.manifest,
+            split=args.split,
+            mos_range=args.mos_range,
+            test_fraction=args.test_fraction,
+        )
+    else:
+        spec = DatasetConfig(
+            name=args.name or args.dataset,
+            path=args.root,
+            format=args.dataset,
+            split=args.split,
+            test_fraction=args.test_fraction,
+        )
+    records = load_records(spec)
+    scorer = QScorer.from_pretrained(
+        args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
+    )
+    scores, failed = predict(
+        scorer, records, args.batch_size, progress=not args.no_progress, description=f"eval {spec.name}"
+    )
+    for path, reason in failed:
+        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+    report = {spec.name: dataset_metrics(records, scores)}
+    print(format_table(report))
+    write_report(
+        {
+            "checkpoint": str(args.checkpoint),
+            "datasets": report,
+            "skipped_images": [{"path": path, "reason": reason} for path, reason in failed],
+        },
+        args.output,
+    )
+    print(f"scored {len(scores)} of {len(records)} image(s); report written to {args.output}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qscorer", description="Q-Scorer image quality scores (MOS scale 1..5).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -145,13 +213,49 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", choices=DTYPES, default=None, help="backbone weight dtype")
     score.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     score.set_defaults(run=_score_command)
+
+    train = commands.add_parser("train", help="fine-tune a Q-Scorer (score tokens, head, LoRA) from a config")
+    train.add_argument("--config", required=True, help="training config, YAML or JSON (see docs/training.md)")
+    train.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    train.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+    train.add_argument(
+        "--resume",
+        default="auto",
+        help="'auto' (default): continue from the latest checkpoint in output_dir, if any; "
+        "'none': start afresh; or a checkpoint directory",
+    )
+    train.set_defaults(run=_train_command)
+
+    from .training.config import DATASET_FORMATS
+
+    evaluate = commands.add_parser("eval", help="SRCC / PLCC / KRCC / RMSE of a checkpoint on a dataset")
+    evaluate.add_argument("--checkpoint", default=None, help="checkpoint directory or hub id (default: bundled)")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=[f for f in DATASET_FORMATS if f != "manifest"], help="official release")
+    source.add_argument("--manifest", help="a CSV or JSONL manifest (image, mos, [mos_std, split, group])")
+    evaluate.add_argument("--root", help="folder the official release was unpacked into (with --dataset)")
+    evaluate.add_argument("--split", default=None, help="evaluate only this split (e.g. test)")
+    evaluate.add_argument("--test-fraction", type=float, default=None, help="random split for a dataset without one")
+    evaluate.add_argument(
+        "--mos-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="the manifest's MOS scale"
+    )
+    evaluate.add_argument("--name", default=None, help="dataset name in the report")
+    evaluate.add_argument("--output", default="eval_report.json", help="JSON report (default: eval_report.json)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cpu)")
+    evaluate.add_argument("--dtype", choices=DTYPES, default=None, help="backbone weight dtype")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    evaluate.set_defaults(run=_eval_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
-        build_parser().error("--batch-size must be >= 1")
+        parser.error("--batch-size must be >= 1")
+    if args.command == "eval" and args.dataset and not args.root:
+        parser.error("--dataset needs --root, the folder the release was unpacked into")
     return args.run(args)
 
 

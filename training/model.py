@@ -1,0 +1,174 @@
+"""`QScorerForTraining`: a `QScorer` with its trainable parts set up, computing what the loss needs.
+
+Trained: a LoRA adapter (peft, injected into the backbone), the K score tokens' embedding rows,
+the head, and optionally the vision tower and its merger; everything else is frozen. The score
+tokens' rows are trained as separate ``[K, hidden]`` parameters rather than by unfreezing the
+embedding matrices, whose optimizer state would cost as much as the matrices themselves: a forward
+hook on the input embeddings substitutes the rows at the score tokens' positions, and the output
+logits of the score tokens are computed from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qscorer_reward.head import soft_clamp
+from qscorer_reward.score_tokens import get_score_token_rows
+from qscorer_reward.scorer import QScorer
+
+from .losses import score_token_ce_loss
+
+
+@dataclass
+class TrainableParts:
+    """What to train besides the head and the score-token rows (always trained)."""
+
+    lora: object | None  # a peft LoraConfig, or None
+    vision_tower: bool = False
+    merger: bool = False
+    output_rows: bool = True  # the score tokens' output rows (only the cross-entropy uses them)
+
+
+class ScoreTokenRows(nn.Module):
+    """Trainable input and output embedding rows of the K score tokens, float32 ``[K, hidden]`` each.
+
+    While alive it substitutes ``input_rows`` for the score tokens' input embeddings (a forward
+    hook on ``model.get_input_embeddings()``). With tied embeddings there is one set of rows.
+    """
+
+    def __init__(self, model: nn.Module, token_ids: list[int], train_output_rows: bool):
+        super().__init__()
+        rows = get_score_token_rows(model, token_ids)
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
+        self.input_rows = nn.Parameter(rows["input_embeddings"].float())
+        self.tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        self.output_rows = (
+            None if self.tied else nn.Parameter(rows["output_embeddings"].float(), requires_grad=train_output_rows)
+        )
+        self._hook = model.get_input_embeddings().register_forward_hook(self._substitute_input_rows)
+
+    def _substitute_input_rows(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        input_ids = args[0]
+        matches = input_ids.unsqueeze(-1) == self.token_ids  # [B, L, K]
+        which = matches.float().argmax(-1)
+        rows = self.input_rows.to(output.dtype)[which]
+        return torch.where(matches.any(-1, keepdim=True), rows, output)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.input_rows if self.output_rows is None else self.output_rows
+
+    def remove_hook(self) -> None:
+        self._hook.remove()
+
+
+class QScorerForTraining(nn.Module):
+    """The trainable model: ``forward(pixels)`` returns the scores and the score-token cross-entropy.
+
+    Args:
+        scorer: a `QScorer` (its backbone is modified in place: LoRA injected, flags set).
+        parts: what to train (`TrainableParts`).
+        answer_length: how many tokens at the end of the prompt belong to the answer (the answer
+            prefix, e.g. "The quality of the image is"); the cross-entropy covers them and the K
+            score tokens.
+        gradient_checkpointing: recompute layer activations in the backward pass.
+    """
+
+    def __init__(self, scorer: QScorer, parts: TrainableParts, answer_length: int, gradient_checkpointing: bool):
+        super().__init__()
+        self.scorer = scorer
+        self.answer_length = answer_length
+        model = scorer.backbone.model
+        scorer.requires_grad_(False)
+        if parts.lora is not None:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(parts.lora, model)
+        for name, param in model.named_parameters():
+            in_vision = ".visual." in f".{name}"
+            is_merger = "merger" in name
+            param.requires_grad = (
+                "lora_" in name
+                or (parts.vision_tower and in_vision and not is_merger)
+                or (parts.merger and in_vision and is_merger)
+            )
+        scorer.head.requires_grad_(True)
+        self.score_token_rows = ScoreTokenRows(model, scorer.config.score_token_ids, parts.output_rows)
+        # Master weights of everything trained in float32 (optimizer updates at 2e-5 vanish in bf16);
+        # the frozen backbone keeps its dtype and autocast runs the matmuls in low precision.
+        for param in self.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        if gradient_checkpointing:
+            scorer.gradient_checkpointing_enable()
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [name for name, param in self.named_parameters() if param.requires_grad]
+
+    def forward(self, pixels: torch.Tensor | list[torch.Tensor], compute_ce: bool = True) -> dict[str, torch.Tensor]:
+        """Score a batch and (optionally) compute the answer's cross-entropy.
+
+        Args:
+            pixels: float RGB pixels in [0, 1] on the model's device, ``[B, 3, H, W]`` or a list
+                of ``[3, H, W]`` (as `qscorer_reward.preprocessing.to_unit_pixels` returns them).
+            compute_ce: also compute ``ce_loss`` (training); off for evaluation.
+
+        Returns a dict: ``raw_scores`` (``[B]`` float32, the unbounded regression output the score
+        losses read), ``scores`` (``[B]`` float32 in the score range, what inference returns) and,
+        with ``compute_ce``, ``ce_loss`` (0-dim float32).
+        """
+        backbone = self.scorer.backbone
+        inputs = backbone.prepare(pixels)
+        hidden = backbone(inputs)
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        head = self.scorer.head
+        # The head stays in float32 even under autocast: its output is the score.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            raw = head.raw_score(hidden[batch, inputs.score_positions].float())
+        low, high = head.score_range
+        outputs = {"raw_scores": raw, "scores": soft_clamp(raw, low, high, head.sharpness)}
+        if compute_ce:
+            outputs["ce_loss"] = self._answer_cross_entropy(hidden, inputs.input_ids, inputs.score_positions)
+        return outputs
+
+    def _answer_cross_entropy(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, score_positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Next-token cross-entropy over the answer prefix's tokens and the K score tokens.
+
+        The token at position t is predicted by the hidden state at t - 1; the answer occupies
+        ``score_position - answer_length + 1 .. score_position + K`` in every sample.
+        """
+        num_score_tokens = self.scorer.config.num_score_tokens
+        offsets = torch.arange(-self.answer_length, num_score_tokens, device=hidden.device)
+        positions = score_positions.unsqueeze(1) + offsets  # [B, T], the predicting positions
+        targets = input_ids.gather(1, positions + 1)
+        states = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        logits = self.scorer.backbone.model.get_output_embeddings()(states)
+        rows = self.score_token_rows
+        score_logits = states @ rows.output_weight.to(states.dtype).T
+        logits = logits.index_copy(-1, rows.token_ids, score_logits.to(logits.dtype))
+        return score_token_ce_loss(logits, targets)
+
+
+def answer_token_count(scorer: QScorer, answer_text: str) -> int:
+    """How many of the prompt's last tokens are ``answer_text`` (which the template must end with).
+
+    Found by tokenizing the template's text after the image without the answer, which must be a
+    prefix of the prompt's tokens: then the rest is the answer, however the tokenizer splits it.
+    """
+    template_after_image = scorer.config.prompt_template.split("{image}")[1]
+    if not template_after_image.endswith(answer_text):
+        raise ValueError(f"the prompt template does not end with the answer text {answer_text!r}")
+    before = template_after_image[: len(template_after_image) - len(answer_text)]
+    before_ids = scorer.tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
+    suffix_ids = list(scorer.backbone.suffix_ids)
+    if suffix_ids[: len(before_ids)] != before_ids:
+        raise ValueError(
+            f"cannot locate the answer {answer_text!r} in the tokenized prompt: the tokenizer merges it "
+            "with the text before it; start answer_text at a word boundary"
+        )
+    return len(suffix_ids) - len(before_ids)
