@@ -18,6 +18,7 @@ Dataset (a ``datasets.Dataset``), one row per comparison:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -46,6 +47,8 @@ from ..checkpoint import (
 from ..config import CONFIG_NAME
 from ..preprocessing import to_unit_pixels
 from ..scorer import QScorer
+from .losses import fidelity as probability_fidelity
+from .losses import thurstone_probability
 
 # Checkpoint files a new save replaces; anything else in the directory (Trainer state, other
 # checkpoints, a model card) is left alone.
@@ -116,17 +119,14 @@ def bradley_terry_loss(difference: torch.Tensor, scale: float = 1.0) -> torch.Te
     return -F.logsigmoid(scale * difference).mean()
 
 
-# Private until the fine-tuning module's training/losses.py provides the fidelity loss; then
-# this should call that one.
-def _thurstone_fidelity_loss(difference: torch.Tensor, score_std: float = 1.0) -> torch.Tensor:
-    """Fidelity loss ``1 - sqrt(p)`` with ``p = Phi(difference / (sqrt(2) * score_std))`` the
-    Thurstone (Case V) probability that the chosen image is better; mean over ``[B]``, a scalar in
-    [0, 1]. The target preference probability is 1, so the fidelity's ``(1 - p)`` term vanishes.
+def thurstone_fidelity_loss(difference: torch.Tensor, score_std: float = 1.0) -> torch.Tensor:
+    """Fidelity loss of the preference probability of ``difference`` = chosen minus rejected scores
+    ``[B]``, against certainty that the chosen image is better; a scalar in [0, 1].
+
+    Thurstone case V with the same std for every image: the difference has std ``sqrt(2) * score_std``.
     """
-    # Phi(x / sqrt(2)) = (1 + erf(x / 2)) / 2 for x = difference / score_std.
-    preference_probability = 0.5 * (1 + torch.erf(difference / (2 * score_std)))
-    # The small constant keeps the gradient of the square root finite at p = 0.
-    return (1 - torch.sqrt(preference_probability + 1e-8)).mean()
+    probability = thurstone_probability(difference, math.sqrt(2) * score_std)
+    return probability_fidelity(probability, torch.ones_like(probability))
 
 
 @dataclass
@@ -306,7 +306,7 @@ class QScorerRewardTrainer(RewardTrainer):
         difference = chosen - rejected - inputs["margin"]
         loss = bradley_terry_loss(difference, args.bradley_terry_scale)
         if args.fidelity_weight > 0:
-            fidelity = _thurstone_fidelity_loss(difference, args.fidelity_score_std)
+            fidelity = thurstone_fidelity_loss(difference, args.fidelity_score_std)
             loss = loss + args.fidelity_weight * fidelity
 
         with torch.no_grad():
