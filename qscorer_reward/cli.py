@@ -1,6 +1,9 @@
 """The ``qscorer`` command line.
 
-- ``qscorer score PATH...`` scores image files and folders.
+- ``qscorer score PATH...`` scores image files and folders (resumable, sharded under
+  ``accelerate launch``; see `qscorer_reward.scoring_job`).
+- ``qscorer filter SRC... --min-score X --dest DIR`` copies, moves or symlinks the images that score
+  at least X (see `qscorer_reward.filter_job`).
 - ``qscorer train --config FILE.yaml`` fine-tunes a Q-Scorer (also under ``accelerate launch``).
 - ``qscorer eval --checkpoint DIR (--dataset NAME --root DIR | --manifest FILE)`` reports SRCC,
   PLCC, KRCC and RMSE on a dataset.
@@ -9,98 +12,31 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import contextlib
+import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+from .filter_job import FILTER_MODES, rows_from_score_file, run_filter_job
+from .scoring_job import (
+    existing_output_files,
+    find_images,
+    find_images_with_relative_paths,
+    read_rows,
+    row_file_format,
+    run_resumable_job,
+    score_files,
+    write_rows,
+)
+
 DTYPES = ("float32", "bfloat16", "float16")
+DONE_VERBS = {"copy": "copied", "move": "moved", "symlink": "symlinked"}
 
 
-@dataclass
-class ScoreRow:
-    """One output row: the file, its score (``None`` if it failed) and the error message."""
-
-    path: str
-    score: float | None
-    error: str | None = None
-
-
-def find_images(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files named directly (whatever their suffix), and image files under folders, recursively
-    and in sorted order. A path that does not exist is yielded as is, to be reported."""
-    for path in map(Path, paths):
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            yield path
-
-
-def score_files(scorer, paths: list[Path], batch_size: int, progress: bool = False) -> Iterator[ScoreRow]:
-    """Score ``paths`` in batches; a file that cannot be read or scored becomes a row with an error
-    and the rest of the run goes on."""
-    from tqdm.auto import tqdm
-
-    from .preprocessing import load_image
-
-    with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
-        for start in range(0, len(paths), batch_size):
-            batch = paths[start : start + batch_size]
-            loaded, rows = [], {}
-            for path in batch:
-                try:
-                    loaded.append((path, load_image(path, scorer.max_image_pixels)))
-                except ValueError as err:
-                    rows[path] = ScoreRow(str(path), None, str(err))
-            for path, score, error in _score_loaded(scorer, loaded):
-                rows[path] = ScoreRow(str(path), score, error)
-            yield from (rows[path] for path in batch)
-            bar.update(len(batch))
-
-
-def _score_loaded(scorer, loaded: list) -> list:
-    """(path, score, error) for loaded images: one forward pass, or one per image if the batch
-    fails, so that one bad image only fails itself."""
-    import torch
-
-    if not loaded:
-        return []
-    try:
-        with torch.inference_mode():
-            scores = scorer([image for _, image in loaded]).tolist()
-        return [(path, score, None) for (path, _), score in zip(loaded, scores)]
-    except ValueError as err:
-        if len(loaded) == 1:
-            return [(loaded[0][0], None, f"{loaded[0][0]}: {err}")]
-        return [row for item in loaded for row in _score_loaded(scorer, [item])]
-
-
-def write_rows(rows: Iterable[ScoreRow], output_format: str, stream) -> tuple[int, int]:
-    """Write rows as they come (so an interrupted run keeps what it wrote); returns the counts of
-    scored and failed files."""
-    scored = failed = 0
-    writer = csv.writer(stream) if output_format == "csv" else None
-    if writer:
-        writer.writerow(["path", "score", "error"])
-    for row in rows:
-        scored += row.score is not None
-        failed += row.score is None
-        if output_format == "csv":
-            writer.writerow([row.path, "" if row.score is None else f"{row.score:.4f}", row.error or ""])
-        elif output_format == "jsonl":
-            stream.write(json.dumps({"path": row.path, "score": row.score, "error": row.error}) + "\n")
-        else:
-            score = "FAILED" if row.score is None else f"{row.score:6.3f}"
-            stream.write(f"{score}  {row.path}" + (f"  ({row.error})" if row.error else "") + "\n")
-        stream.flush()
-    return scored, failed
-
-
-def _score_command(args: argparse.Namespace) -> int:
+def _load_scorer(args: argparse.Namespace, device, report: bool = True):
+    """The scorer named by ``--model`` on ``device``; if ``report``, its load warnings and a line
+    naming it are printed on stderr."""
     import torch
     from transformers.utils import logging as transformers_logging
 
@@ -110,27 +46,96 @@ def _score_command(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         scorer = QScorer.from_pretrained(
-            args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
+            args.model, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None
         )
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    name = scorer.config.model_name or args.model or "bundled default"
-    low, high = scorer.score_range
-    print(f"model: {name}; scores in [{low:g}, {high:g}], higher is better", file=sys.stderr)
+    if report:
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+        name = scorer.config.model_name or args.model or "bundled default"
+        low, high = scorer.score_range
+        print(f"model: {name}; scores in [{low:g}, {high:g}], higher is better", file=sys.stderr)
+    return scorer
+
+
+def _score_output_problem(args: argparse.Namespace, output_format: str, num_processes: int) -> str | None:
+    """Why the ``score`` options cannot run as given, or ``None``."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        return (
+            f"launched as {launched} processes but accelerate set up {num_processes} "
+            "(on a machine without GPUs, set ACCELERATE_USE_CPU=1)"
+        )
+    if args.resume and not args.output:
+        return "--resume needs --output, the file to continue"
+    if (args.resume or num_processes > 1) and output_format == "table":
+        return "--resume and sharded runs need a CSV or JSONL --output (e.g. scores.csv)"
+    if num_processes > 1 and not args.output:
+        return f"a run on {num_processes} processes needs --output, the file to merge their rows into"
+    existing = existing_output_files(Path(args.output)) if args.output else []
+    if existing and not (args.resume or args.overwrite):
+        return f"{existing[0]} exists: pass --resume to continue it or --overwrite to replace it"
+    return None
+
+
+def _score_command(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as `Accelerator` reads it
+    output_format = row_file_format(args.output or "", args.format)
+    problem = _score_output_problem(args, output_format, state.num_processes)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     paths = list(find_images(args.paths))
     if not paths:
         print("no image files found", file=sys.stderr)
         return 1
-    rows = score_files(scorer, paths, args.batch_size, progress=not args.no_progress)
-    suffix_format = {".csv": "csv", ".jsonl": "jsonl"}.get(Path(args.output or "").suffix.lower(), "table")
-    output_format = args.format or suffix_format
+    device = args.device or (state.device if state.num_processes > 1 else None)
+    scorer = _load_scorer(args, device, report=state.is_main_process)
+    progress = not args.no_progress
     if args.output:
-        with open(args.output, "w", newline="") as stream:
-            scored, failed = write_rows(rows, output_format, stream)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    if output_format == "table" or not args.output:
+        with open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout) as stream:
+            summary = write_rows(score_files(scorer, paths, args.batch_size, progress), output_format, stream)
     else:
-        scored, failed = write_rows(rows, output_format, sys.stdout)
-    print(f"scored {scored} image(s), {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
+        try:
+            summary = run_resumable_job(
+                scorer, paths, Path(args.output), output_format, state,
+                resume=args.resume, batch_size=args.batch_size, progress=progress,
+            )  # fmt: skip
+        except ValueError as err:  # an output to resume that is not one `score` wrote
+            print(f"error: cannot resume: {err}", file=sys.stderr)
+            return 2
+    if state.is_main_process:
+        kept = f"; {summary.kept} kept from {args.output}" if args.resume else ""
+        print(f"scored {summary.scored} image(s), {summary.failed} failed{kept}", file=sys.stderr)
+    return summary.exit_status
+
+
+def _filter_command(args: argparse.Namespace) -> int:
+    files = list(dict(find_images_with_relative_paths(args.sources)).items())
+    paths = [file for file, _ in files]
+    if not files:
+        print("no image files found", file=sys.stderr)
+        return 1
+    if args.scores:
+        try:
+            rows = rows_from_score_file(read_rows(args.scores), paths, args.scores)
+        except (OSError, ValueError) as err:
+            print(f"error: cannot read --scores: {err}", file=sys.stderr)
+            return 2
+    else:
+        rows = score_files(_load_scorer(args, args.device), paths, args.batch_size, not args.no_progress)
+    summary = run_filter_job(files, rows, args.min_score, Path(args.dest), args.mode, args.dry_run)
+    verb = f"would {args.mode}" if args.dry_run else DONE_VERBS[args.mode]
+    print(
+        f"{verb} {summary.passed} image(s) with score >= {args.min_score:g}; {summary.below} below, "
+        f"{summary.unscored} without a score, {summary.conflicts} skipped (destination exists)",
+        file=sys.stderr,
+    )
+    return summary.exit_status
 
 
 def _train_command(args: argparse.Namespace) -> int:
@@ -195,6 +200,13 @@ def _eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cpu; under accelerate: its)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="backbone weight dtype")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qscorer", description="Q-Scorer image quality scores (MOS scale 1..5).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -207,12 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="output format (default: from the --output suffix, .csv or .jsonl, else table)",
     )
-    score.add_argument("--output", help="write results to this file instead of stdout")
-    score.add_argument("--batch-size", type=int, default=16)
-    score.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cpu)")
-    score.add_argument("--dtype", choices=DTYPES, default=None, help="backbone weight dtype")
-    score.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    score.add_argument("--output", help="write results to this file (row by row) instead of stdout")
+    existing = score.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume", action="store_true", help="continue --output: keep its scored rows, score the rest"
+    )
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _add_scoring_arguments(score)
     score.set_defaults(run=_score_command)
+
+    filter_ = commands.add_parser("filter", help="copy, move or symlink the images that score at least a threshold")
+    filter_.add_argument("sources", nargs="+", metavar="SRC", help="image files and folders (searched recursively)")
+    filter_.add_argument("--min-score", type=float, required=True, help="keep images scoring at least this")
+    filter_.add_argument("--dest", required=True, help="folder to place them in (folder structure kept)")
+    filter_.add_argument("--mode", choices=FILTER_MODES, default="copy", help="how to place them (default: copy)")
+    filter_.add_argument("--dry-run", action="store_true", help="print what would be done; change nothing")
+    filter_.add_argument("--scores", default=None, help="take scores from a `qscorer score` CSV/JSONL output")
+    filter_.add_argument("--model", default=None, help="checkpoint directory or hub id (default: bundled model)")
+    _add_scoring_arguments(filter_)
+    filter_.set_defaults(run=_filter_command)
 
     train = commands.add_parser("train", help="fine-tune a Q-Scorer (score tokens, head, LoRA) from a config")
     train.add_argument("--config", required=True, help="training config, YAML or JSON (see docs/training.md)")

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,149 @@ def test_console_script_runs_the_bundled_model(folder):
     assert result.returncode == 0, result.stderr
     assert "a.png" in result.stdout
     assert "UNTRAINED placeholder" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------- resuming
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def test_a_resumed_run_scores_each_file_once_and_keeps_scored_rows(folder, model_dir, tmp_path, capsys):
+    # An interrupted run: a.png scored (with a score the model never gives, to see it is kept, not
+    # recomputed), b.jpg failed (tried again), and nested/c.png cut off mid-line by the kill.
+    output = tmp_path / "scores.csv"
+    output.write_text(f"path,score,error\n{folder / 'a.png'},9.0000,\n{folder / 'b.jpg'},,flaky disk\n{folder}/nes")
+    args = ["score", str(folder), "--model", str(model_dir), "--output", str(output), "--batch-size", "2"]
+    status, _, err = _run([*args, "--resume"], capsys)
+    assert status == 1  # corrupt.png and tiny.png failed
+    assert "scored 2 image(s), 2 failed; 1 kept" in err
+    rows = _csv_rows(output)
+    names = ["a.png", "b.jpg", "corrupt.png", "c.png", "tiny.png"]
+    assert [Path(row["path"]).name for row in rows] == names
+    by_name = {Path(row["path"]).name: row for row in rows}
+    assert by_name["a.png"]["score"] == "9.0000"
+    assert 1.0 <= float(by_name["b.jpg"]["score"]) <= 5.0 and by_name["b.jpg"]["error"] == ""
+    assert 1.0 <= float(by_name["c.png"]["score"]) <= 5.0
+    assert "cannot read image" in by_name["corrupt.png"]["error"]
+
+    status, _, err = _run([*args, "--resume"], capsys)  # again: only the two failures are retried
+    assert "scored 0 image(s), 2 failed; 3 kept" in err
+    assert _csv_rows(output) == rows
+
+
+def test_output_files_are_never_replaced_unless_asked(folder, model_dir, tmp_path, capsys):
+    output = tmp_path / "scores.jsonl"
+    output.write_text("precious\n")
+    base = ["score", str(folder / "a.png"), "--model", str(model_dir)]
+    assert _run([*base, "--output", str(output)], capsys)[0] == 2
+    assert output.read_text() == "precious\n"
+    status, _, err = _run([*base, "--output", str(output), "--resume"], capsys)
+    assert status == 2 and "line 1 is not a score row" in err and output.read_text() == "precious\n"
+    status, _, err = _run([*base, "--resume"], capsys)
+    assert status == 2 and "--resume needs --output" in err
+    status, _, err = _run([*base, "--resume", "--output", str(tmp_path / "scores.txt")], capsys)
+    assert status == 2 and "CSV or JSONL" in err
+    with pytest.raises(SystemExit):
+        _run([*base, "--output", str(output), "--resume", "--overwrite"], capsys)
+    assert _run([*base, "--output", str(output), "--overwrite"], capsys)[0] == 0
+    assert [json.loads(line)["path"] for line in output.read_text().splitlines()] == [str(folder / "a.png")]
+
+
+# ---------------------------------------------------------------------------------------- sharding
+
+
+def test_two_processes_under_accelerate_launch_resume_and_give_one_merged_output(folder, model_dir, tmp_path, capsys):
+    single = tmp_path / "single.jsonl"
+    assert _run(["score", str(folder), "--model", str(model_dir), "--output", str(single)], capsys)[0] == 1
+    expected = [json.loads(line) for line in single.read_text().splitlines()]
+    # Left by an interrupted 4-process run: a.png done, then a cut-off line.
+    sharded = tmp_path / "sharded.jsonl"
+    (tmp_path / "sharded.jsonl.part-3").write_text(json.dumps(expected[0]) + '\n{"path": "')
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    command = [*launcher, "-m", "qscorer_reward.cli", "score", str(folder), "--model", str(model_dir),
+               "--output", str(sharded), "--batch-size", "2", "--no-progress", "--resume"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0  # the failed files make it exit 1
+    assert "scored 2 image(s), 2 failed; 1 kept" in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("scored ") == 1  # the main process reports for all
+    assert sorted(p.name for p in tmp_path.glob("*.jsonl*")) == ["sharded.jsonl", "single.jsonl"]  # parts merged
+    merged = [json.loads(line) for line in sharded.read_text().splitlines()]
+    assert [row["path"] for row in merged] == [row["path"] for row in expected]
+    for got, want in zip(merged, expected):
+        assert got["error"] == want["error"]
+        assert (got["score"] is None) == (want["score"] is None)
+        if want["score"] is not None:
+            assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- filter
+
+
+@pytest.fixture
+def score_file(folder, tmp_path):
+    """A `score` output for the folder: a.png and nested/c.png pass 3.0, b.jpg does not, corrupt.png
+    failed and tiny.png is missing."""
+    path = tmp_path / "scores.csv"
+    rows = [("a.png", "4.0000", ""), ("b.jpg", "2.0000", ""), ("nested/c.png", "3.5000", ""),
+            ("corrupt.png", "", "cannot read image")]  # fmt: skip
+    path.write_text("path,score,error\n" + "".join(f"{folder / name},{score},{error}\n" for name, score, error in rows))
+    return path
+
+
+def _tree(root: Path) -> dict[str, bytes | str]:
+    """Every entry under root: file contents, or the target of a symlink."""
+    return {
+        str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_symlink() or p.is_file()
+    }
+
+
+@pytest.mark.parametrize("mode", ["copy", "move", "symlink"])
+def test_filter_places_passing_files_under_dest(mode, folder, score_file, tmp_path, capsys):
+    before = _tree(folder)
+    dest = tmp_path / "kept"
+    args = ["filter", str(folder), "--min-score", "3", "--dest", str(dest), "--mode", mode, "--scores", str(score_file)]
+    status, out, err = _run(args, capsys)
+    assert status == 1  # corrupt.png has no score, tiny.png is not in the score file
+    assert "no score in" in err and "2 without a score" in err
+    assert sorted(_tree(dest)) == ["a.png", "nested/c.png"]
+    for name in ("a.png", "nested/c.png"):
+        placed = dest / name
+        assert placed.is_symlink() == (mode == "symlink")
+        assert placed.read_bytes() == before[name]
+        assert (folder / name).exists() == (mode != "move")
+    assert _tree(folder).keys() == before.keys() - ({"a.png", "nested/c.png"} if mode == "move" else set())
+    assert out.count(f"{mode} ") == 2
+
+
+def test_filter_dry_run_changes_nothing(folder, score_file, tmp_path, capsys):
+    before = _tree(tmp_path)
+    dest = tmp_path / "kept"
+    args = ["filter", str(folder), "--min-score", "3", "--dest", str(dest), "--mode", "move", "--dry-run"]
+    status, out, _ = _run([*args, "--scores", str(score_file)], capsys)
+    assert _tree(tmp_path) == before and not dest.exists()
+    assert f"would move {folder / 'a.png'} -> {dest / 'a.png'}" in out and out.count("would move") == 2
+
+
+def test_filter_never_overwrites_an_existing_destination(folder, score_file, tmp_path, capsys):
+    dest = tmp_path / "kept"
+    (dest / "nested").mkdir(parents=True)
+    (dest / "nested" / "c.png").write_bytes(b"already here")
+    args = ["filter", str(folder), "--min-score", "3", "--dest", str(dest), "--mode", "move"]
+    status, _, err = _run([*args, "--scores", str(score_file)], capsys)
+    assert status == 1 and f"{dest / 'nested' / 'c.png'} exists" in err
+    assert (dest / "nested" / "c.png").read_bytes() == b"already here"
+    assert (folder / "nested" / "c.png").exists() and not (folder / "a.png").exists()
+
+
+def test_filter_scores_on_the_fly(folder, model_dir, tmp_path, capsys):
+    dest = tmp_path / "kept"
+    args = ["filter", str(folder), "--min-score", "1", "--dest", str(dest), "--model", str(model_dir)]
+    status, _, err = _run(args, capsys)
+    assert status == 1 and "copied 3 image(s) with score >= 1; 0 below, 2 without a score" in err
+    assert sorted(_tree(dest)) == ["a.png", "b.jpg", "nested/c.png"]
