@@ -3,13 +3,17 @@
 (a) Scorer overhead: the wall time of ``scorer(images)`` (float ``[B, 3, H, W]`` in [0, 1], under
     ``torch.no_grad``) over the time of the bare transformers backbone forward on exactly the
     tensors ``scorer.backbone.prepare`` produced for those images, as a ratio (target <= 1.15),
-    plus the cost split of the scorer call (input conversion, ``backbone.prepare``, backbone
-    forward, head) and the same ratio with gradients to the input pixels, without and with
+    plus the cost split of the scorer call (input conversion, ``backbone.prepare``, vision tower,
+    language model, head) and the same ratio with gradients to the input pixels, without and with
     gradient checkpointing.
 (b) Tensor preprocessing: ``scorer.backbone.prepare`` on a batch of real photos (uint8 tensor,
     converted to float inside the timed call) against transformers' ``Qwen2VLImageProcessorPil`` on
     the same photos as numpy uint8 HWC arrays; reports both times, the speed-up and whether the
     image grids (and pixel values, up to PIL's uint8 rounding) agree.
+(c) Q-Scorer against Q-Align-style scoring on the same backbone and prepared batch: the regression
+    head on the hidden state at the answer position, against the softmax over the five level-token
+    logits there (``lm_head`` rows of the levels only), and against the same read from the full
+    model forward that computes ``lm_head`` logits at every position (as Q-Align's code does).
 
 Times are wall-clock medians over interleaved repeats (each round runs every variant, in an order
 reversed each round), after warm-up, in milliseconds. Run from the repository root::
@@ -22,18 +26,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from scoring import (
+    bare_forward,
+    language_model,
+    language_model_inputs,
+    qalign_level_ids,
+    qalign_scores,
+    qalign_scores_from_all_logits,
+    vision_tower,
+)
+from timing import interleaved_median_ms, machine_info
 
 OVERHEAD_TARGET = 1.15
 CROP_FRACTION = 0.9  # each photo gives two square crops of this fraction of its shorter side
+# Parts of the no_grad scorer call timed on their own in (a).
+SPLIT_PARTS = ("input_conversion", "prepare", "vision_tower", "language_model", "head")
 
 
 @dataclass(frozen=True)
@@ -78,79 +90,44 @@ QUICK = Settings(
 )
 
 
-def machine_info() -> dict:
-    """CPU model, logical core count, torch threads and library versions."""
-    import transformers
-
-    cpu_model = platform.processor() or "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_model": cpu_model,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def interleaved_median_ms(variants: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of each zero-argument callable.
-
-    Every round runs all variants once, in an order reversed each round, so slow drifts of the
-    machine (frequency, caches, other load) hit all variants alike.
-    """
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        for name in names if round_index % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            variants[name]()
-            samples[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
-
-
-def bench_overhead(settings: Settings) -> dict:
-    """(a): scorer call vs bare backbone forward, cost split, and gradient modes (times in ms)."""
-    from qscorer_reward.preprocessing import to_unit_pixels
+def overhead_scorer(settings: Settings):
+    """The tiny scorer of (a) and (c), at a pixel budget of ``image_side**2`` (no resize)."""
     from qscorer_reward.testing import tiny_scorer
 
     side = settings.image_side
-    scorer = tiny_scorer(
+    return tiny_scorer(
         max_pixels=side * side,
         hidden_size=settings.hidden_size,
         num_layers=settings.num_layers,
         vision_width=settings.vision_width,
     )
+
+
+def bench_overhead(settings: Settings) -> dict:
+    """(a): scorer call vs bare backbone forward, cost split, and gradient modes (times in ms)."""
+    from qscorer_reward.preprocessing import to_unit_pixels
+
+    side = settings.image_side
+    scorer = overhead_scorer(settings)
     pixels = torch.rand(settings.batch, 3, side, side, generator=torch.Generator().manual_seed(0))
     inputs = scorer.backbone.prepare(pixels)
-    language_vision_model = scorer.backbone.model.model
     rows = torch.arange(settings.batch)
 
-    def bare_forward(pixel_values: torch.Tensor) -> torch.Tensor:
-        """Last hidden state of the transformers model on the prepared tensors."""
-        model_inputs = {**inputs.model_inputs, "pixel_values": pixel_values}
-        return language_vision_model(
-            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False, **model_inputs
-        ).last_hidden_state
-
-    prepared_pixel_values = inputs.model_inputs["pixel_values"]
     with torch.no_grad():
-        hidden = bare_forward(prepared_pixel_values)
+        hidden = bare_forward(scorer, inputs)
+        image_features = vision_tower(scorer, inputs)
+        embeddings = language_model_inputs(scorer, inputs, image_features)
+        split_error = (language_model(scorer, inputs, embeddings) - hidden).abs().max().item()
+        if split_error > 1e-4:
+            raise RuntimeError(f"vision tower + language model differ from the bare forward by {split_error}")
         no_grad_ms = interleaved_median_ms(
             {
                 "scorer": lambda: scorer(pixels),
-                "backbone": lambda: bare_forward(prepared_pixel_values),
+                "backbone": lambda: bare_forward(scorer, inputs),
                 "input_conversion": lambda: to_unit_pixels(pixels, (0.0, 1.0), scorer.device),
                 "prepare": lambda: scorer.backbone.prepare(pixels),
+                "vision_tower": lambda: vision_tower(scorer, inputs),
+                "language_model": lambda: language_model(scorer, inputs, embeddings),
                 "head": lambda: scorer.head(hidden[rows, inputs.score_positions]),
             },
             settings.warmup,
@@ -159,11 +136,12 @@ def bench_overhead(settings: Settings) -> dict:
 
     # Gradient to the input: the scorer from image pixels, the bare backbone from its pixel_values.
     pixels_with_grad = pixels.clone().requires_grad_(True)
-    pixel_values_with_grad = prepared_pixel_values.clone().requires_grad_(True)
+    pixel_values_with_grad = inputs.model_inputs["pixel_values"].clone().requires_grad_(True)
+    inputs_with_grad = replace(inputs, model_inputs={**inputs.model_inputs, "pixel_values": pixel_values_with_grad})
     grad_variants = {
         "scorer": lambda: torch.autograd.grad(scorer(pixels_with_grad).sum(), pixels_with_grad),
         "backbone": lambda: torch.autograd.grad(
-            bare_forward(pixel_values_with_grad)[rows, inputs.score_positions].sum(), pixel_values_with_grad
+            bare_forward(scorer, inputs_with_grad)[rows, inputs.score_positions].sum(), pixel_values_with_grad
         ),
     }
     grad_ms = interleaved_median_ms(grad_variants, settings.warmup, settings.repeats)
@@ -171,12 +149,7 @@ def bench_overhead(settings: Settings) -> dict:
     checkpointing_ms = interleaved_median_ms(grad_variants, settings.warmup, settings.repeats)
     scorer.gradient_checkpointing_disable()
 
-    split_ms = {
-        "input_conversion": no_grad_ms["input_conversion"],
-        "prepare": no_grad_ms["prepare"],
-        "backbone_forward": no_grad_ms["backbone"],
-        "head": no_grad_ms["head"],
-    }
+    split_ms = {name: no_grad_ms[name] for name in SPLIT_PARTS}
     ratio = no_grad_ms["scorer"] / no_grad_ms["backbone"]
     return {
         "batch": settings.batch,
@@ -282,9 +255,36 @@ def bench_preprocessing(settings: Settings) -> dict:
     }
 
 
+def bench_qalign(settings: Settings) -> dict:
+    """(c): Q-Scorer vs Q-Align-style scoring of the same prepared batch on the same backbone
+    (no_grad, times in ms, ratios to Q-Scorer)."""
+    scorer = overhead_scorer(settings)
+    side = settings.image_side
+    pixels = torch.rand(settings.batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+    inputs = scorer.backbone.prepare(pixels)
+    level_ids = qalign_level_ids(scorer.tokenizer)
+    with torch.no_grad():
+        times_ms = interleaved_median_ms(
+            {
+                "qscorer": lambda: scorer.score_inputs(inputs),
+                "qalign_answer_position": lambda: qalign_scores(scorer, inputs, level_ids),
+                "qalign_all_logits": lambda: qalign_scores_from_all_logits(scorer, inputs, level_ids),
+            },
+            settings.warmup,
+            settings.repeats,
+        )
+    return {
+        "batch": settings.batch,
+        "image_size": [side, side],
+        "vocabulary_size": scorer.backbone.model.get_output_embeddings().weight.shape[0],
+        "times_ms": times_ms,
+        "ratio_to_qscorer": {name: ms / times_ms["qscorer"] for name, ms in times_ms.items()},
+    }
+
+
 def print_report(results: dict) -> None:
     """The results as readable tables on stdout."""
-    machine, overhead, prep = results["machine"], results["overhead"], results["preprocessing"]
+    machine, overhead, prep, qalign = (results[key] for key in ("machine", "overhead", "preprocessing", "qalign"))
     print(
         f"machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, {machine['torch_threads']} torch threads, "
         f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}"
@@ -320,10 +320,18 @@ def print_report(results: dict) -> None:
         f"image_grid_thw agree: {prep['grids_agree']}; pixel_values |ours - reference| mean "
         f"{prep['pixel_values_mean_abs_diff']:.4f}, max {prep['pixel_values_max_abs_diff']:.4f}"
     )
+    qalign_side = qalign["image_size"][0]
+    print(
+        f"\n(c) Q-Scorer vs Q-Align-style on the same backbone, batch {qalign['batch']} of "
+        f"{qalign_side}x{qalign_side}, no_grad, vocabulary {qalign['vocabulary_size']}\n"
+        f"{'variant':<28}{'ms':>12}{'/ qscorer':>14}"
+    )
+    for name, ms in qalign["times_ms"].items():
+        print(f"{name:<28}{ms:>12.2f}{qalign['ratio_to_qscorer'][name]:>14.3f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run both benchmarks, print the report, optionally write it as JSON; returns the results."""
+    """Run the three benchmarks, print the report, optionally write it as JSON; returns the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller model and inputs, few repeats (smoke test)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to this JSON file")
@@ -338,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": asdict(settings),
         "overhead": bench_overhead(settings),
         "preprocessing": bench_preprocessing(settings),
+        "qalign": bench_qalign(settings),
     }
     print_report(results)
     if args.json is not None:

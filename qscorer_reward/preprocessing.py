@@ -175,6 +175,8 @@ def _float_to_unit(pixels: torch.Tensor, input_range: tuple[float, float], name:
         )
     if (low, high) != (0.0, 1.0):
         pixels = (pixels - low) / (high - low)
+    elif minimum >= 0.0 and maximum <= 1.0:
+        return pixels  # already in [0, 1]: no copy (the clamp would be the identity, gradient included)
     return pixels.clamp(0.0, 1.0)
 
 

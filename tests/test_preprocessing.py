@@ -127,6 +127,13 @@ def test_slight_overshoot_is_clamped_and_keeps_gradient():
     assert pixels.grad.sum() > 0
 
 
+def test_float_batch_in_range_is_used_as_it_is():
+    pixels = torch.rand(2, 3, 20, 20, requires_grad=True)
+    converted = to_unit_pixels(pixels)
+    assert converted is pixels  # no copy when the clamp would change nothing
+    assert (torch.autograd.grad(converted.sum(), pixels)[0] == 1).all()
+
+
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "big.png"
     Image.new("RGB", (300, 300)).save(path)

@@ -21,9 +21,12 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
+from ..config import QScorerConfig
 from ..preprocessing import normalize, resize_antialiased
 from .base import Backbone, BackboneInputs
+from .vision_attention import PACKED_SDPA
 
 MAX_ASPECT_RATIO = 200  # the Qwen-VL processors refuse anything more elongated
 
@@ -61,7 +64,20 @@ def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int, temporal_pa
 
 
 class QwenVLBackbone(Backbone):
+    """Qwen-VL models as a Q-Scorer backbone.
+
+    A vision tower set to transformers' ``"sdpa"`` attention is switched to `PACKED_SDPA`, the same
+    attention with the images' (or windows') segments batched into a few calls instead of one
+    call per segment; other attention implementations are left as they are.
+    """
+
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+    def __init__(self, model: nn.Module, config: QScorerConfig, prompt_ids: tuple[list[int], list[int]]):
+        super().__init__(model, config, prompt_ids)
+        vision_config = model.model.visual.config
+        if vision_config._attn_implementation == "sdpa":
+            vision_config._attn_implementation = PACKED_SDPA
 
     def prepare(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> BackboneInputs:
         cfg = self.config
