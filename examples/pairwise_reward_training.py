@@ -22,10 +22,10 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
-from qscorer_reward.training.pairwise import QScorerRewardConfig, QScorerRewardTrainer
 
 from qscorer_reward import QScorer
 from qscorer_reward.checkpoint import has_lora
+from qscorer_reward.training.pairwise import QScorerRewardConfig, QScorerRewardTrainer
 
 IMAGES = Path(__file__).parent / "images"
 DISTORTIONS = ("blur", "noise", "jpeg")

@@ -13,10 +13,10 @@ import argparse
 
 import torch
 from datasets import Dataset
-from qscorer_reward.integrations.trl import QScorerRewardFunc
 from trl import GRPOConfig, GRPOTrainer
 
 from qscorer_reward import QScorer
+from qscorer_reward.integrations.trl import QScorerRewardFunc
 
 SUBJECTS = ["a lighthouse at dusk", "a bowl of fruit", "a cat on a windowsill", "a mountain lake"]
 

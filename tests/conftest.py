@@ -33,3 +33,26 @@ def photos():
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    the tiny models gain nothing from a second thread, and on shared, busy cores OpenMP's waiting
+    threads slow them down several times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def base_model_dir(tmp_path):
+    """A tiny random Qwen2.5-VL base model and its tokenizer saved as a local model directory."""
+    from qscorer_reward.testing import tiny_base_model
+
+    model, tokenizer = tiny_base_model("qwen2_5_vl", seed=7)
+    directory = tmp_path / "base"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

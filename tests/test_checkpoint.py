@@ -28,15 +28,6 @@ def test_full_checkpoint_round_trip_gives_identical_scores(tmp_path, family, num
     assert not list(tmp_path.glob(".*partial*"))
 
 
-@pytest.fixture
-def base_model_dir(tmp_path):
-    model, tokenizer = tiny_base_model("qwen2_5_vl", seed=7)
-    directory = tmp_path / "base"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def _trained_scorer(base_model_dir):
     """A scorer on a base model directory with everything training changes perturbed: LoRA on the
     attention projections, the score-token rows and the head."""

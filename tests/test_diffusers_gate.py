@@ -21,14 +21,7 @@ from qscorer_reward.testing.pipelines import PIPELINE_KINDS, tiny_call_kwargs, t
 PROMPTS = ["a cat on a sofa", "a red car", "a mountain lake"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny models gain nothing from a second thread, and on shared, busy cores OpenMP's waiting
-    threads slow them down several times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

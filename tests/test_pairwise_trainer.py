@@ -12,7 +12,7 @@ from PIL import Image
 from scipy.stats import norm
 
 from qscorer_reward import QScorer
-from qscorer_reward.testing import tiny_base_model, tiny_scorer
+from qscorer_reward.testing import tiny_scorer
 from qscorer_reward.training.pairwise import (
     ImagePairCollator,
     QScorerRewardConfig,
@@ -23,15 +23,6 @@ from qscorer_reward.training.pairwise import (
 )
 
 SIDE = 56
-
-
-@pytest.fixture
-def base_model_dir(tmp_path):
-    model, tokenizer = tiny_base_model("qwen2_5_vl", seed=0)
-    directory = tmp_path / "base"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def to_pil(pixels):

@@ -19,14 +19,7 @@ TRAIN_PROMPTS = ["a cat", "a dog", "a red car", "a tree", "a house", "a bird"]
 EVAL_PROMPTS = ["a horse", "a boat", "a flower", "a cup"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny models gain nothing from a second thread, and on shared, busy cores OpenMP's waiting
-    threads slow them down several times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

@@ -1,0 +1,65 @@
+"""The default model's recipe runs end to end: the random base written by `make_tiny_base`, the
+synthetic shards written when the run starts, two steps of ``training/configs/qscorer_tiny.yaml``
+through ``qscorer train``, and a merged checkpoint that loads and scores without the base."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qscorer_reward import QScorer
+from qscorer_reward.cli import main
+from qscorer_reward.training.config import TrainingConfig
+from qscorer_reward.training.make_tiny_base import write_tiny_base
+from qscorer_reward.training.synthetic_shard import SyntheticSettings, ensure_synthetic_shard
+
+RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "qscorer_tiny.yaml"
+SIZE = 64  # the recipe's 224 px, shrunk so that the test runs in seconds
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(True)
+
+
+def test_recipe_trains_and_writes_a_loadable_checkpoint(tmp_path):
+    config = TrainingConfig.from_file(RECIPE)
+    assert config.base_model == "runs/qscorer-tiny/base" and config.save_merged
+    config.base_model = str(write_tiny_base(tmp_path / "base"))
+    config.output_dir = str(tmp_path / "run")
+    for spec in (*config.train_datasets, *config.eval_datasets):
+        spec.path = str(tmp_path / "data" / spec.name)
+        spec.synthetic.length, spec.synthetic.size, spec.synthetic.workers = 8, SIZE, 1
+    config.min_pixels = config.max_pixels = SIZE * SIZE
+    config.per_device_batch_size, config.num_workers = 4, 0
+    config.max_steps, config.eval_steps, config.save_steps = 2, 2, 2
+    config_file = tmp_path / "recipe.yaml"
+    config.save(config_file)
+
+    assert main(["train", "--config", str(config_file)]) == 0
+
+    run = tmp_path / "run"
+    assert (run / "eval_report.json").is_file()
+    assert len(list((tmp_path / "data" / "synthetic-train").rglob("*.png"))) == 8
+    scorer = QScorer.from_pretrained(run / "final-merged")
+    assert scorer.config.model_name == "qscorer-tiny"
+    scores = scorer(torch.rand(2, 3, SIZE, SIZE))
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_a_shard_is_reused_and_one_of_other_settings_refused(tmp_path):
+    settings = SyntheticSettings(length=3, seed=5, size=32, workers=1)
+    manifest = ensure_synthetic_shard(tmp_path / "shard", settings)
+    written = manifest.read_text()
+    assert len(written.splitlines()) == 4
+    assert ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=3, seed=5, size=32)) == manifest
+    assert manifest.read_text() == written
+    with pytest.raises(ValueError, match="other settings"):
+        ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=3, seed=6, size=32, workers=1))
