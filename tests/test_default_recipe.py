@@ -9,7 +9,7 @@ import torch
 
 from qscorer_reward import QScorer
 from qscorer_reward.cli import main
-from qscorer_reward.training.config import TrainingConfig
+from qscorer_reward.training.config import DatasetConfig, TrainingConfig
 from qscorer_reward.training.make_tiny_base import write_tiny_base
 from qscorer_reward.training.synthetic_shard import SyntheticSettings, ensure_synthetic_shard
 
@@ -17,15 +17,16 @@ RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "qscorer
 SIZE = 64  # the recipe's 224 px, shrunk so that the test runs in seconds
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate_state():
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state (e.g. the mixed precision) that each run sets anew."""
     from accelerate.state import AcceleratorState
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     AcceleratorState._reset_state(True)
     yield
-    torch.set_num_threads(threads)
     AcceleratorState._reset_state(True)
 
 
@@ -63,3 +64,10 @@ def test_a_shard_is_reused_and_one_of_other_settings_refused(tmp_path):
     assert manifest.read_text() == written
     with pytest.raises(ValueError, match="other settings"):
         ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=3, seed=6, size=32, workers=1))
+
+
+def test_synthetic_settings_go_with_the_synthetic_format_only():
+    with pytest.raises(ValueError, match="needs the synthetic settings"):
+        DatasetConfig(name="s", path="shard", format="synthetic_iqa")
+    with pytest.raises(ValueError, match="needs the synthetic settings"):
+        DatasetConfig(name="m", path="m.csv", synthetic=SyntheticSettings(length=4))

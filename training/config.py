@@ -16,7 +16,11 @@ from pathlib import Path
 
 from qscorer_reward.config import QWEN_PROMPT_TEMPLATE
 
+from .synthetic_shard import SyntheticSettings
+
 DATASET_FORMATS = ("manifest", "koniq10k", "spaq", "kadid10k", "livec", "agiqa3k", "csiq")
+# Generated rather than read: the samples of `SyntheticIQADataset`, cached as a shard on disk.
+SYNTHETIC_FORMAT = "synthetic_iqa"
 DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 METRICS = ("srcc", "plcc", "krcc", "rmse")
@@ -28,9 +32,11 @@ class DatasetConfig:
 
     Attributes:
         name: label in logs and reports (unique within a run).
-        path: a manifest file (``format: manifest``) or the folder an official release was unpacked
-            into (see `qscorer_reward.training.official`).
-        format: ``manifest`` or the official reader's name (`DATASET_FORMATS`).
+        path: a manifest file (``format: manifest``), the folder an official release was unpacked
+            into (see `qscorer_reward.training.official`), or the folder of a synthetic shard
+            (``format: synthetic_iqa``, written there when the run starts if it is not there yet).
+        format: ``manifest`` or the official reader's name (`DATASET_FORMATS`), or ``synthetic_iqa``
+            (`SYNTHETIC_FORMAT`).
         split: keep only the records of this split (``train``, ``val``, ``test``); ``None`` keeps all.
         weight: sampling weight among the training datasets (see `MixtureSampler`); give it to all
             training datasets or to none (then every image is seen once per epoch).
@@ -41,6 +47,8 @@ class DatasetConfig:
         test_fraction: for a dataset without an official split, the fraction labelled ``test``
             by a seeded, content-grouped random split (then select it with ``split``).
         split_seed: seed of that random split.
+        synthetic: ``format: synthetic_iqa`` only: the synthetic samples the shard holds
+            (`SyntheticSettings`: ``length``, ``seed``, ``size``, ``distortions``...).
     """
 
     name: str
@@ -52,10 +60,14 @@ class DatasetConfig:
     mos_range: tuple[float, float] | None = None
     test_fraction: float | None = None
     split_seed: int = 0
+    synthetic: SyntheticSettings | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in DATASET_FORMATS:
-            raise ValueError(f"dataset {self.name!r}: format must be one of {DATASET_FORMATS}, got {self.format!r}")
+        formats = (*DATASET_FORMATS, SYNTHETIC_FORMAT)
+        if self.format not in formats:
+            raise ValueError(f"dataset {self.name!r}: format must be one of {formats}, got {self.format!r}")
+        if (self.format == SYNTHETIC_FORMAT) != (self.synthetic is not None):
+            raise ValueError(f"dataset {self.name!r}: format synthetic_iqa needs the synthetic settings, and only it")
         if self.weight is not None and self.weight < 0:
             raise ValueError(f"dataset {self.name!r}: weight must be >= 0, got {self.weight}")
         if self.mos_range is not None:
