@@ -26,7 +26,6 @@ from torch import nn
 from ..config import QScorerConfig
 from ..preprocessing import normalize, resize_antialiased
 from .base import Backbone, BackboneInputs
-from .vision_attention import PACKED_SDPA
 
 MAX_ASPECT_RATIO = 200  # the Qwen-VL processors refuse anything more elongated
 
@@ -75,6 +74,10 @@ class QwenVLBackbone(Backbone):
 
     def __init__(self, model: nn.Module, config: QScorerConfig, prompt_ids: tuple[list[int], list[int]]):
         super().__init__(model, config, prompt_ids)
+        # Imported here, not with the package: registering the attention loads transformers'
+        # modeling code, seconds that `import qscorer_reward` alone should not cost.
+        from .vision_attention import PACKED_SDPA
+
         vision_config = model.model.visual.config
         if vision_config._attn_implementation == "sdpa":
             vision_config._attn_implementation = PACKED_SDPA
