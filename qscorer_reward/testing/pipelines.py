@@ -185,20 +185,30 @@ def _vae(latent_channels: int = 4, scaling_factor: float = 0.18215, shift_factor
 # ------------------------------------------------------------------------------------------ pipelines
 
 
+def _tiny_unet(**config):
+    """A two-level `UNet2DConditionModel` at the tiny latent size; ``config`` adds the cross-attention
+    and conditioning settings of each pipeline family."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=TINY_IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        **config,
+    )
+
+
 def tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     """`StableDiffusionPipeline` with a two-level UNet; DDIM for epsilon, Euler for v-prediction."""
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_IMAGE_SIZE // 2,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
+        unet = _tiny_unet(
             cross_attention_dim=32,
             attention_head_dim=8,
             norm_num_groups=8,
@@ -233,18 +243,11 @@ def tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0):
 def tiny_sdxl_pipeline(seed: int = 0):
     """`StableDiffusionXLPipeline`: two CLIP encoders (the second with a projection), a UNet with SDXL's
     ``text_time`` added conditioning, and a VAE with per-channel latent mean and std."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_IMAGE_SIZE // 2,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
+        unet = _tiny_unet(
             attention_head_dim=(2, 4),
             cross_attention_dim=64,  # the two encoders' hidden states, concatenated
             norm_num_groups=8,
