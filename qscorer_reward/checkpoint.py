@@ -20,7 +20,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -38,8 +37,6 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 TRAINED_MODULES_FILE = "trained_modules.safetensors"
 BUNDLED_DEFAULT = Path(__file__).parent / "default_model"
-# The name of the untrained stand-in bundled until a trained default model ships.
-UNTRAINED_PLACEHOLDER = "qscorer-tiny-untrained"
 
 
 def save_checkpoint(scorer, directory: Path, weights_format: str) -> None:
@@ -162,12 +159,6 @@ def load_checkpoint(
     head.load_state_dict(head_state)
     scorer = QScorer.assemble(config, model, tokenizer, head)
     scorer.adapter_merged = adapter_merged
-    if config.model_name == UNTRAINED_PLACEHOLDER:
-        warnings.warn(
-            "the bundled default model is an UNTRAINED placeholder (random weights): its scores carry no "
-            "meaning until the trained default ships",
-            stacklevel=3,
-        )
     return scorer
 
 

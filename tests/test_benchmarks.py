@@ -75,8 +75,14 @@ def runs(tmp_path_factory):
         "bench_core": ["--quick", "--threads", "1", "--json", str(out / "core.json")],
         "bench_throughput": ["--quick", "--threads", "1", "--json", str(out / "throughput.json")],
         "bench_gpu": ["--tiny", "--out", str(out / "gpu.json")],
+        "bench_default_model": ["--batch", "2", "--repeats", "1", "--json", str(out / "default.json")],
     }
-    json_paths = {"bench_core": "core.json", "bench_throughput": "throughput.json", "bench_gpu": "gpu.json"}
+    json_paths = {
+        "bench_core": "core.json",
+        "bench_throughput": "throughput.json",
+        "bench_gpu": "gpu.json",
+        "bench_default_model": "default.json",
+    }
     processes = {
         name: subprocess.Popen(
             [sys.executable, str(BENCHMARKS / f"{name}.py"), *arguments],
@@ -126,6 +132,15 @@ def test_throughput_quick_mode_reports_every_configuration(runs):
         if row["mode"] == "no_grad":
             assert row["time_vs_no_grad"] == row["peak_memory_vs_no_grad"] == 1.0
     assert set(throughput["flops_per_image"]) == {str(side) for side in settings["image_sides"]}
+    _assert_positive_and_finite(results)
+
+
+def test_default_model_benchmark_scores_the_bundled_model(runs):
+    completed, results, _ = runs["bench_default_model"]
+    assert completed.returncode == 0, completed.stderr
+    assert results["model"] == "qscorer-tiny" and results["image_side"] == 224
+    assert [row["threads"] for row in results["rows"]][0] == 1 and isinstance(results["meets_target"], bool)
+    assert "images/s" in completed.stdout
     _assert_positive_and_finite(results)
 
 

@@ -82,7 +82,20 @@ def test_console_script_runs_the_bundled_model(folder):
     )
     assert result.returncode == 0, result.stderr
     assert "a.png" in result.stdout
-    assert "UNTRAINED placeholder" in result.stderr
+    assert "Warning" not in result.stderr
+
+
+def test_readme_main_job_scores_the_examples_pristine_above_distorted(capsys):
+    """The README's first command: the bundled model on the bundled examples, as JSONL."""
+    examples = Path(__file__).resolve().parents[1] / "examples" / "images"
+    status, out, _ = _run(["score", str(examples), "--format", "jsonl", "--no-progress"], capsys)
+    assert status == 0
+    scores = {Path(row["path"]).stem: row["score"] for row in map(json.loads, out.splitlines())}
+    assert len(scores) == 12
+    for photo in ("astronaut", "chelsea", "coffee"):
+        distorted = [scores[f"{photo}_{kind}"] for kind in ("blur", "noise", "jpeg")]
+        assert scores[f"{photo}_pristine"] > sum(distorted) / 3, (photo, scores)
+        assert scores[f"{photo}_pristine"] > scores[f"{photo}_blur"] + 0.5, (photo, scores)
 
 
 # ---------------------------------------------------------------------------------------- resuming

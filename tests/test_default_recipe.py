@@ -55,6 +55,24 @@ def test_recipe_trains_and_writes_a_loadable_checkpoint(tmp_path):
     assert scores.shape == (2,) and torch.isfinite(scores).all()
 
 
+def test_the_base_starts_its_patch_embedding_as_a_whitened_dct_filter_bank(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from qscorer_reward.training.make_tiny_base import dct_basis
+
+    basis = dct_basis(14)
+    assert torch.allclose(basis @ basis.T, torch.eye(14, dtype=torch.float64), atol=1e-12)
+    model = AutoModelForImageTextToText.from_pretrained(write_tiny_base(tmp_path / "base", seed=1))
+    weight = model.model.visual.patch_embed.proj.weight.detach().double()  # [96, 3, 2, 14, 14]
+    assert weight.shape == (96, 3, 2, 14, 14)
+    dc = weight[0]  # luma, frequency (0, 0): a constant filter, equal on R, G, B and both frames
+    assert torch.allclose(dc, dc.flatten()[0].expand_as(dc))
+    flat = weight.flatten(1)
+    gram = flat @ flat.T  # distinct basis functions are orthogonal
+    assert torch.allclose(gram - torch.diag(gram.diagonal()), torch.zeros_like(gram), atol=1e-5)
+    assert gram.diagonal()[63] > 100 * gram.diagonal()[0]  # the highest frequency, whitened up
+
+
 def test_a_shard_is_reused_and_one_of_other_settings_refused(tmp_path):
     settings = SyntheticSettings(length=3, seed=5, size=32, workers=1)
     manifest = ensure_synthetic_shard(tmp_path / "shard", settings)
@@ -64,6 +82,17 @@ def test_a_shard_is_reused_and_one_of_other_settings_refused(tmp_path):
     assert manifest.read_text() == written
     with pytest.raises(ValueError, match="other settings"):
         ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=3, seed=6, size=32, workers=1))
+
+
+def test_a_grouped_shard_keeps_each_group_in_one_content(tmp_path):
+    import csv
+
+    manifest = ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=8, size=32, group_size=4, workers=2))
+    rows = list(csv.DictReader(manifest.open()))
+    assert [row["distortion"] == "pristine" for row in rows] == [True, False, False, False] * 2
+    assert len({row["group"] for row in rows[:4]}) == 1 and rows[0]["group"] != rows[4]["group"]
+    with pytest.raises(ValueError, match="divide length"):
+        SyntheticSettings(length=10, group_size=4)
 
 
 def test_synthetic_settings_go_with_the_synthetic_format_only():

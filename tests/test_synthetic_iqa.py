@@ -60,6 +60,24 @@ def test_options_restrict_types_and_levels_and_batches_collate():
         SyntheticIQADataset(5, distortions=["jpeg", "sepia"])
 
 
+def test_groups_share_one_content_image_pristine_first():
+    dataset = SyntheticIQADataset(12, seed=2, size=SIZE, group_size=4)
+    samples = [dataset[i] for i in range(12)]
+    for group in range(3):
+        members = samples[4 * group : 4 * group + 4]
+        assert members[0]["distortion"] == PRISTINE and members[0]["mos"] == 5.0
+        assert all(m["distortion"] != PRISTINE and m["mos"] < 5.0 for m in members[1:])
+        assert len({m["source"] for m in members}) == 1
+        for member in members[1:]:  # distorted versions of the pristine image, not other content
+            difference = (member["image"].float() - members[0]["image"].float()).abs().mean()
+            assert 0 < difference < 40
+    assert not torch.equal(samples[0]["image"], samples[4]["image"])
+    fresh = SyntheticIQADataset(12, seed=2, size=SIZE, group_size=4)
+    assert torch.equal(fresh[6]["image"], samples[6]["image"])  # any index alone, without its group's others
+    with pytest.raises(ValueError, match="group_size"):
+        SyntheticIQADataset(4, group_size=0)
+
+
 @pytest.fixture(scope="module")
 def evaluation_set(tmp_path_factory):
     directory = tmp_path_factory.mktemp("evaluation")
@@ -147,20 +165,18 @@ def test_evaluation_script_scores_the_bundled_model_end_to_end(tmp_path, capsys)
     script = _load_script()
     arguments = ["--eval-dir", str(tmp_path / "set"), "--crops-per-photo", "1", "--size", str(SIZE)]
     arguments += ["--distortions", "jpeg,white_noise,gaussian_blur", "--json", str(tmp_path / "result.json")]
-    with pytest.warns(UserWarning, match="UNTRAINED placeholder"):
-        assert script.main(arguments) == 0
+    assert script.main(arguments) == 0
     output = capsys.readouterr().out
     result = json.loads((tmp_path / "result.json").read_text())
     assert set(result["per_distortion"]) == {"jpeg", "white_noise", "gaussian_blur"}
     assert result["images"] == len(content.HELD_OUT_PHOTOS) * (1 + 3 * len(LEVELS))
     assert -1.0 <= result["mean_srcc"] <= 1.0 and 0.0 <= result["pristine_above_level5"] <= 1.0
-    assert result["model"].startswith("bundled") and result["evaluation_set"]["size"] == SIZE
+    assert result["model"] == "bundled (qscorer-tiny)" and result["evaluation_set"]["size"] == SIZE
     assert "white_noise" in output and "mean" in output
 
     # A second run reuses the set; a request with other settings for the same directory is refused.
     manifest_written = (tmp_path / "set" / "manifest.csv").stat().st_mtime_ns
-    with pytest.warns(UserWarning, match="UNTRAINED placeholder"):
-        script.main(arguments)
+    script.main(arguments)
     assert (tmp_path / "set" / "manifest.csv").stat().st_mtime_ns == manifest_written
     with pytest.raises(SystemExit, match="written with"):
         script.main([*arguments[:4], "--size", "96"])

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from qscorer_reward.training.config import DatasetConfig, LoraSettings, TrainingConfig
+from qscorer_reward.training.synthetic_shard import SyntheticSettings
 
 CONFIGS = Path(__file__).parent.parent / "training" / "configs"
 
@@ -55,6 +56,13 @@ def test_defaults_are_the_released_recipe():
         ({"train_datasets": [DatasetConfig(name="a", path="x"), DatasetConfig(name="a", path="y")]}, "repeated"),
         ({"train_datasets": [DatasetConfig(name="a", path="x", weight=2.0), DatasetConfig(name="b", path="y")]},
          "weight to every training dataset or to none"),
+        ({"train_language_model": True}, "set lora to null"),
+        ({"train_datasets": [DatasetConfig(name="s", path="x", format="synthetic_iqa",
+                                           synthetic=SyntheticSettings(length=8, group_size=4))],
+          "per_device_batch_size": 6}, "multiple of the synthetic group_size 4"),
+        ({"train_datasets": [DatasetConfig(name="s", path="x", format="synthetic_iqa",
+                                           synthetic=SyntheticSettings(length=8, group_size=4)),
+                             DatasetConfig(name="m", path="y")]}, "cannot be mixed"),
     ],
 )  # fmt: skip
 def test_invalid_settings_are_refused(change, message):

@@ -140,6 +140,28 @@ def test_sampler_shards_are_disjoint_equal_and_resumable():
     assert list(sampler) == shards[1][2:] and len(sampler) == 2
 
 
+def test_sampler_with_groups_moves_whole_groups_and_shards_them():
+    sampler = MixtureSampler([8, 12], seed=1, group_size=4)
+    order = list(sampler)
+    assert sorted(order) == list(range(20)) and len(sampler) == 20
+    blocks = [order[i : i + 4] for i in range(0, 20, 4)]
+    assert all(block == list(range(block[0], block[0] + 4)) and block[0] % 4 == 0 for block in blocks)
+    assert [b[0] for b in blocks] != sorted(b[0] for b in blocks)  # the groups are shuffled
+    shards = [list(MixtureSampler([12], seed=2, num_replicas=2, rank=r, group_size=4)) for r in range(2)]
+    assert [len(s) for s in shards] == [8, 8]  # 3 groups over 2 processes: padded to 4 groups
+    for shard in shards:
+        assert all(shard[i : i + 4] == list(range(shard[i], shard[i] + 4)) for i in range(0, 8, 4))
+    weighted = MixtureSampler([8, 400], weights=[1.0, 1.0], samples_per_epoch=40, seed=0, group_size=4)
+    order = list(weighted)
+    assert len(order) == 40 and sum(i < 8 for i in order) == 20
+    with pytest.raises(ValueError, match="group_size"):
+        MixtureSampler([10], group_size=4)
+
+
+def test_sampler_with_groups_of_one_is_the_plain_sampler():
+    assert list(MixtureSampler([5, 7], seed=3, group_size=1)) == list(MixtureSampler([5, 7], seed=3))
+
+
 def test_augmentation_is_deterministic_and_keeps_the_pixel_budget():
     image = torch.arange(3 * 100 * 200, dtype=torch.int64).reshape(3, 100, 200).to(torch.uint8)
     augment = QualityPreservingAugment(hflip=True, min_crop_side=0.5, max_pixels=120 * 100)

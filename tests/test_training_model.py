@@ -99,6 +99,31 @@ def test_gradients_reach_every_trained_part(base_dir):
     assert frozen.grad is None
 
 
+def test_a_whole_language_model_is_trained_and_exported_without_lora(base_dir, tmp_path):
+    torch.manual_seed(0)
+    scorer = QScorer.from_base_model(base_dir, num_score_tokens=1, max_pixels=112 * 112)
+    parts = TrainableParts(lora=None, vision_tower=True, merger=True, language_model=True)
+    model = QScorerForTraining(scorer, parts, answer_token_count(scorer, ANSWER), gradient_checkpointing=False)
+    names = set(model.trainable_parameter_names())
+    language = {n for n in names if ".language_model." in n}
+    all_language = {n for n, _ in model.named_parameters() if ".language_model." in n}
+    assert language == {n for n in all_language if "embed_tokens" not in n}  # layers and final norm
+    assert not any("lora_" in n or "lm_head" in n for n in names)
+    model.train()
+    model(IMAGES)["scores"].sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in language and "layers.0." in n)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in language:
+                param.add_(0.05)
+        expected = model.eval()([image.clone() for image in IMAGES])["scores"]
+    directory = save_trained_parts(model, model.state_dict(), tmp_path / "parts")
+    assert not (directory / "adapter_model.safetensors").exists()
+    assert torch.allclose(QScorer.from_pretrained(directory)(IMAGES), expected, atol=1e-5)
+    merged = save_merged(directory, tmp_path / "merged")
+    assert torch.allclose(QScorer.from_pretrained(merged)(IMAGES), expected, atol=1e-5)
+
+
 def test_export_loads_with_the_same_scores_including_a_trained_vision_tower(base_dir, tmp_path):
     model = _training_model(base_dir, vision=True, merger=True)
     with torch.no_grad():

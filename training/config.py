@@ -98,6 +98,12 @@ class LossWeights:
 
     The released recipe is MSE + 0.05 x score-token cross-entropy. ``fidelity_std`` is the std
     assumed for an image whose MOS std is unknown; ``ranking_margin`` the hinge margin (MOS units).
+
+    ``vision_probe``: weight of an auxiliary MSE of a small head on the image tokens' mean (the
+    merger's output), for a vision tower trained from scratch: it gives the tower a short gradient
+    path while the language model learns to read it. Training only; not part of the checkpoint.
+    ``vision_probe_only``: the tower learns from the probe alone (the score losses stop at its
+    output, training the language model, score token and head on top of it).
     """
 
     mse: float = 1.0
@@ -105,6 +111,8 @@ class LossWeights:
     plcc: float = 0.0
     fidelity: float = 0.0
     ranking: float = 0.0
+    vision_probe: float = 0.0
+    vision_probe_only: bool = False
     fidelity_std: float = 1.0
     ranking_margin: float = 0.1
 
@@ -135,7 +143,10 @@ class TrainingConfig:
     ``answer_text``, whose tokens and the score tokens form the answer the cross-entropy covers.
     ``dtype`` is the backbone's weight dtype; trained weights are kept in float32.
     Trained: the LoRA adapter (``lora``; ``None`` for none), the score-token rows, the head, and
-    optionally the vision tower (``train_vision_tower``) and its merger (``train_merger``).
+    optionally the vision tower (``train_vision_tower``), its merger (``train_merger``) and the
+    language model's layers as whole weights (``train_language_model``, for a base trained from
+    scratch; excludes ``lora``). ``head_learning_rate`` applies to the head, ``learning_rate`` to
+    everything else.
 
     Optimisation: AdamW, ``lr_scheduler`` (a transformers schedule name) with linear warmup over
     ``warmup_ratio`` of the steps, ``num_epochs`` epochs unless ``max_steps`` is set; a step is
@@ -166,6 +177,7 @@ class TrainingConfig:
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     train_vision_tower: bool = False
     train_merger: bool = False
+    train_language_model: bool = False
     loss: LossWeights = field(default_factory=LossWeights)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     # optimisation
@@ -225,12 +237,28 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
+        group_size = self.training_group_size()
+        if group_size == 0:
+            raise ValueError("training datasets with synthetic group_size > 1 cannot be mixed with others")
+        if self.per_device_batch_size % group_size:
+            raise ValueError(
+                f"per_device_batch_size {self.per_device_batch_size} must be a multiple of the synthetic "
+                f"group_size {group_size} (batches hold whole groups)"
+            )
+        if self.train_language_model and self.lora is not None:
+            raise ValueError("train_language_model trains the language model's weights whole: set lora to null")
         if self.learning_rate <= 0 or (self.head_learning_rate is not None and self.head_learning_rate <= 0):
             raise ValueError("learning rates must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.num_epochs <= 0 and self.max_steps is None:
             raise ValueError("num_epochs must be > 0 unless max_steps is set")
+
+    def training_group_size(self) -> int:
+        """How many consecutive training images form a group that batches keep whole: the
+        synthetic shards' ``group_size`` (1: no groups)."""
+        sizes = {d.synthetic.group_size if d.synthetic is not None else 1 for d in self.train_datasets}
+        return sizes.pop() if len(sizes) == 1 else 0  # 0: mixed, refused in __post_init__
 
     # ------------------------------------------------------------------ serialisation
 

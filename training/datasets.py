@@ -338,6 +338,11 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
     ``num_replicas`` takes every ``num_replicas``-th index of it, after the order is padded by
     repeating its start so that every process gets the same count. `set_position` skips the
     first indices of this process's share, which is how a resumed run continues mid-epoch.
+
+    With ``group_size`` G > 1, each dataset's indices form groups of G consecutive indices (every
+    size a multiple of G), and the order moves whole groups: an epoch is a shuffled sequence of
+    groups, a weighted draw counts groups, and processes take whole groups in turn. A batch of a
+    multiple of G then holds whole groups.
     """
 
     def __init__(
@@ -348,14 +353,18 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        group_size: int = 1,
     ):
         if not sizes or min(sizes) < 1:
             raise ValueError(f"every dataset needs at least one image, got sizes {list(sizes)}")
+        if group_size < 1 or any(size % group_size for size in sizes):
+            raise ValueError(f"group_size must be >= 1 and divide every dataset size {list(sizes)}, got {group_size}")
         if weights is not None and (len(weights) != len(sizes) or min(weights) < 0 or sum(weights) <= 0):
             raise ValueError(f"weights must be one non-negative number per dataset, not all 0, got {weights}")
-        self.sizes = list(sizes)
+        self.group_size = group_size
+        self.sizes = [size // group_size for size in sizes]  # in groups
         self.weights = None if weights is None else [float(w) for w in weights]
-        self.samples_per_epoch = samples_per_epoch or sum(self.sizes)
+        self.samples_per_epoch = (samples_per_epoch or sum(sizes)) // group_size  # in groups
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
@@ -372,6 +381,10 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
 
     def global_order(self) -> np.ndarray:
         """The epoch's indices into the concatenated datasets, before sharding."""
+        groups = self._group_order()
+        return (groups[:, None] * self.group_size + np.arange(self.group_size)).ravel()
+
+    def _group_order(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])
         offsets = np.cumsum([0, *self.sizes[:-1]])
         if self.weights is None:
@@ -390,16 +403,17 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
         return rng.permutation(np.concatenate(parts))
 
     def shard(self) -> np.ndarray:
-        order = self.global_order()
+        order = self._group_order()
         padded = math.ceil(len(order) / self.num_replicas) * self.num_replicas
         order = np.resize(order, padded)  # repeats the start to fill
-        return order[self.rank :: self.num_replicas]
+        groups = order[self.rank :: self.num_replicas]
+        return (groups[:, None] * self.group_size + np.arange(self.group_size)).ravel()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.shard()[self.position :].tolist())
 
     def __len__(self) -> int:
-        per_replica = math.ceil(self._epoch_length() / self.num_replicas)
+        per_replica = math.ceil(self._epoch_length() / self.num_replicas) * self.group_size
         return max(per_replica - self.position, 0)
 
     def _epoch_length(self) -> int:

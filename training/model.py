@@ -1,7 +1,8 @@
 """`QScorerForTraining`: a `QScorer` with its trainable parts set up, computing what the loss needs.
 
 Trained: a LoRA adapter (peft, injected into the backbone), the K score tokens' embedding rows,
-the head, and optionally the vision tower and its merger; everything else is frozen. The score
+the head, and optionally the vision tower, its merger and the language model's layers as whole
+weights (for a base trained from scratch); everything else is frozen. The score
 tokens' rows are trained as separate ``[K, hidden]`` parameters rather than by unfreezing the
 embedding matrices, whose optimizer state would cost as much as the matrices themselves: a forward
 hook on the input embeddings substitutes the rows at the score tokens' positions, and the output
@@ -29,7 +30,44 @@ class TrainableParts:
     lora: object | None  # a peft LoraConfig, or None
     vision_tower: bool = False
     merger: bool = False
+    language_model: bool = False  # its decoder layers and final norm, whole (not the token embeddings)
     output_rows: bool = True  # the score tokens' output rows (only the cross-entropy uses them)
+    vision_probe: bool = False  # an auxiliary head on the mean image token (`VisionProbe`)
+    vision_learns_from_probe_only: bool = False  # the score losses stop at the vision tower's output
+
+
+class VisionProbe(nn.Module):
+    """Auxiliary score head on the mean of each image's tokens as the vision tower hands them to
+    the language model (its merger's output ``[tokens, hidden]``), float32.
+
+    Training aid for a vision tower trained from scratch: its loss reaches the tower without
+    passing through the language model. It watches the tower with a forward hook and is not saved.
+    With ``detach_language_model_input`` the language model receives the tower's output detached,
+    so the tower learns from the probe alone and the score losses train what reads it.
+    """
+
+    def __init__(self, visual: nn.Module, hidden_size: int, midpoint: float, detach_language_model_input: bool):
+        super().__init__()
+        self.detach_language_model_input = detach_language_model_input
+        self.layers = nn.Sequential(nn.Linear(hidden_size, hidden_size // 2), nn.GELU(), nn.Linear(hidden_size // 2, 1))
+        self.midpoint = midpoint
+        self.features: torch.Tensor | None = None
+        self._hook = visual.register_forward_hook(self._keep_features)
+
+    def _keep_features(self, module, args, output):
+        if isinstance(output, torch.Tensor):
+            self.features = output
+            return output.detach() if self.detach_language_model_input else output
+        self.features = output.pooler_output  # transformers 5: the merged tokens
+        if self.detach_language_model_input:
+            output.pooler_output = output.pooler_output.detach()
+        return output
+
+    def scores(self, tokens_per_image: list[int]) -> torch.Tensor:
+        """``[B]`` float32 scores from the features of the last forward of the vision tower."""
+        means = torch.stack([chunk.float().mean(0) for chunk in self.features.split(tokens_per_image)])
+        self.features = None
+        return self.layers(means).squeeze(-1) + self.midpoint
 
 
 class ScoreTokenRows(nn.Module):
@@ -90,13 +128,26 @@ class QScorerForTraining(nn.Module):
         for name, param in model.named_parameters():
             in_vision = ".visual." in f".{name}"
             is_merger = "merger" in name
+            in_language_layers = ".language_model." in f".{name}" and "embed_tokens" not in name
             param.requires_grad = (
                 "lora_" in name
                 or (parts.vision_tower and in_vision and not is_merger)
                 or (parts.merger and in_vision and is_merger)
+                or (parts.language_model and in_language_layers)
             )
         scorer.head.requires_grad_(True)
         self.score_token_rows = ScoreTokenRows(model, scorer.config.score_token_ids, parts.output_rows)
+        low, high = scorer.head.score_range
+        self.vision_probe = (
+            VisionProbe(
+                model.model.visual,
+                model.config.text_config.hidden_size,
+                (low + high) / 2,
+                parts.vision_learns_from_probe_only,
+            )
+            if parts.vision_probe
+            else None
+        )
         # Master weights of everything trained in float32 (optimizer updates at 2e-5 vanish in bf16);
         # the frozen backbone keeps its dtype and autocast runs the matmuls in low precision.
         for param in self.parameters():
@@ -117,8 +168,9 @@ class QScorerForTraining(nn.Module):
             compute_ce: also compute ``ce_loss`` (training); off for evaluation.
 
         Returns a dict: ``raw_scores`` (``[B]`` float32, the unbounded regression output the score
-        losses read), ``scores`` (``[B]`` float32 in the score range, what inference returns) and,
-        with ``compute_ce``, ``ce_loss`` (0-dim float32).
+        losses read), ``scores`` (``[B]`` float32 in the score range, what inference returns),
+        with ``compute_ce`` ``ce_loss`` (0-dim float32), and with a `VisionProbe`
+        ``vision_probe_scores`` (``[B]`` float32).
         """
         backbone = self.scorer.backbone
         inputs = backbone.prepare(pixels)
@@ -132,6 +184,10 @@ class QScorerForTraining(nn.Module):
         outputs = {"raw_scores": raw, "scores": soft_clamp(raw, low, high, head.sharpness)}
         if compute_ce:
             outputs["ce_loss"] = self._answer_cross_entropy(hidden, inputs.input_ids, inputs.score_positions)
+        if self.vision_probe is not None:
+            merge = backbone.config.merge_size**2
+            tokens = (inputs.model_inputs["image_grid_thw"].prod(-1) // merge).tolist()
+            outputs["vision_probe_scores"] = self.vision_probe.scores(tokens)
         return outputs
 
     def _answer_cross_entropy(

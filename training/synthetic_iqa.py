@@ -61,6 +61,10 @@ class SyntheticIQADataset(torch.utils.data.Dataset):
         pristine_fraction: probability that a sample is undistorted (label 5).
         continuous_levels: draw levels uniformly in [1, 5] (the type's parameter interpolated between
             its five levels, so the model does not learn five fixed settings) instead of from {1..5}.
+        group_size: with ``G > 1``, indices ``g * G .. g * G + G - 1`` form group ``g``: one content
+            image, pristine at the group's first index and distorted independently at the others
+            (``pristine_fraction`` is then unused). A batch of whole groups shows what each
+            distortion changed on the same content, the signal a ranking loss can use.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class SyntheticIQADataset(torch.utils.data.Dataset):
         distortions: Sequence[str] | None = None,
         pristine_fraction: float = DEFAULT_PRISTINE_FRACTION,
         continuous_levels: bool = True,
+        group_size: int = 1,
     ):
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
@@ -79,6 +84,10 @@ class SyntheticIQADataset(torch.utils.data.Dataset):
             raise ValueError(f"pristine_fraction must be within [0, 1], got {pristine_fraction}")
         if size < MIN_SIDE:
             raise ValueError(f"size must be >= {MIN_SIDE}, got {size}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.group_size = group_size
+        self._group_content: tuple[int, np.ndarray, str] | None = None  # the last group's, reused by its members
         self.length = length
         self.seed = seed
         self.size = size
@@ -92,16 +101,29 @@ class SyntheticIQADataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a dataset of length {self.length}")
-        rng = np.random.default_rng([self.seed, index])
-        pristine, source = training_content(self.size, rng)
-        if rng.random() < self.pristine_fraction:
-            return _sample(pristine, 5.0, PRISTINE, 0.0, "none", source)
+        if self.group_size == 1:
+            rng = np.random.default_rng([self.seed, index])
+            pristine, source = training_content(self.size, rng)
+            if rng.random() < self.pristine_fraction:
+                return _sample(pristine, 5.0, PRISTINE, 0.0, "none", source)
+        else:
+            group, member = divmod(index, self.group_size)
+            pristine, source = self._content_of_group(group)
+            if member == 0:
+                return _sample(pristine, 5.0, PRISTINE, 0.0, "none", source)
+            rng = np.random.default_rng([self.seed, group, member])
         distortion = DISTORTION_TYPES[self.distortions[int(rng.integers(len(self.distortions)))]]
         level = float(rng.uniform(LEVELS[0], LEVELS[-1])) if self.continuous_levels else float(rng.choice(LEVELS))
         implementation = distortion.choose_implementation(rng, "train")
         distorted = quantise(distortion(pristine, level, rng, implementation))
         mos = mos_label(level, fidelity(pristine, distorted))
         return _sample(distorted, mos, distortion.name, level, implementation, source)
+
+    def _content_of_group(self, group: int) -> tuple[np.ndarray, str]:
+        if self._group_content is None or self._group_content[0] != group:
+            pristine, source = training_content(self.size, np.random.default_rng([self.seed, group]))
+            self._group_content = (group, pristine, source)
+        return self._group_content[1], self._group_content[2]
 
 
 def _sample(image: np.ndarray, mos: float, distortion: str, level: float, implementation: str, source: str) -> dict:

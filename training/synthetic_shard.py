@@ -45,11 +45,16 @@ class SyntheticSettings:
     distortions: list[str] | None = None
     pristine_fraction: float = 1 / 6  # synthetic_iqa.DEFAULT_PRISTINE_FRACTION (not imported: it loads the generators)
     continuous_levels: bool = True
+    group_size: int = 1
     workers: int = 0
 
     def __post_init__(self) -> None:
         if self.length < 1:
             raise ValueError(f"synthetic length must be >= 1, got {self.length}")
+        if self.group_size < 1 or self.length % self.group_size:
+            raise ValueError(
+                f"synthetic group_size must be >= 1 and divide length {self.length}, got {self.group_size}"
+            )
         if self.workers < 0:
             raise ValueError(f"synthetic workers must be >= 0, got {self.workers}")
 
@@ -57,6 +62,8 @@ class SyntheticSettings:
         """The settings the shard's contents depend on (all but ``workers``), JSON-ready."""
         settings = asdict(self)
         del settings["workers"]
+        if self.group_size == 1:  # shards written before groups existed stay valid
+            del settings["group_size"]
         return settings
 
 
@@ -101,6 +108,7 @@ def write_synthetic_shard(directory: str | os.PathLike, settings: SyntheticSetti
     directory.mkdir(parents=True, exist_ok=True)
     workers = settings.workers or os.cpu_count() or 1
     chunk = max(1, min(SAMPLES_PER_FOLDER, settings.length // (4 * workers) or 1))
+    chunk = -(-chunk // settings.group_size) * settings.group_size  # whole groups: members share one content image
     ranges = [(start, min(start + chunk, settings.length)) for start in range(0, settings.length, chunk)]
     jobs = [(directory, settings, start, stop) for start, stop in ranges]
     started = time.monotonic()
@@ -124,6 +132,11 @@ def write_synthetic_shard(directory: str | os.PathLike, settings: SyntheticSetti
     return manifest
 
 
+def _group_name(source: str, index: int, group_size: int) -> str:
+    """The manifest's content id: the source, plus the group's number when groups share one crop."""
+    return source if group_size == 1 else f"{source}#{index // group_size}"
+
+
 def _write_range(directory: Path, settings: SyntheticSettings, start: int, stop: int) -> list[dict]:
     """Write samples ``start .. stop - 1`` and return their manifest rows."""
     import torch
@@ -138,6 +151,7 @@ def _write_range(directory: Path, settings: SyntheticSettings, start: int, stop:
         distortions=settings.distortions,
         pristine_fraction=settings.pristine_fraction,
         continuous_levels=settings.continuous_levels,
+        group_size=settings.group_size,
     )
     rows = []
     for index in range(start, stop):
@@ -154,7 +168,7 @@ def _write_range(directory: Path, settings: SyntheticSettings, start: int, stop:
                 level=round(sample["level"], 4),
                 implementation=sample["implementation"],
                 source=sample["source"],
-                group=sample["source"],
+                group=_group_name(sample["source"], index, settings.group_size),
             )
         )
     return rows

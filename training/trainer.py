@@ -53,7 +53,8 @@ def training_objective(
     outputs: dict[str, torch.Tensor], mos: torch.Tensor, mos_std: torch.Tensor, weights: LossWeights
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the enabled loss terms and each term (unweighted), from the model's
-    outputs (``raw_scores``, ``ce_loss``) and the batch's MOS ``[B]`` / MOS std ``[B]`` (NaN if unknown).
+    outputs (``raw_scores``, ``ce_loss``, ``vision_probe_scores``) and the batch's MOS ``[B]`` /
+    MOS std ``[B]`` (NaN if unknown).
 
     Score terms read the unbounded regression output, so that a MOS at either end of the scale is
     reachable exactly; scoring bounds it (see `qscorer_reward.head.soft_clamp`).
@@ -70,6 +71,8 @@ def training_objective(
         terms["fidelity"] = fidelity_loss(raw, mos, mos_std, weights.fidelity_std)
     if weights.ranking:
         terms["ranking"] = margin_ranking_loss(raw, mos, weights.ranking_margin)
+    if weights.vision_probe:
+        terms["vision_probe"] = score_mse_loss(outputs["vision_probe_scores"], mos)
     if not terms:
         raise ValueError("every loss weight is 0: nothing to train")
     total = sum(getattr(weights, name) * value for name, value in terms.items())
@@ -136,6 +139,7 @@ class ScoreTokenTrainer:
             seed=config.seed,
             num_replicas=accelerator.num_processes,
             rank=accelerator.process_index,
+            group_size=config.training_group_size(),
         )
         steps_per_epoch = len(sampler) // config.per_device_batch_size // config.gradient_accumulation_steps
         if steps_per_epoch < 1:
@@ -282,10 +286,11 @@ class ScoreTokenTrainer:
         if (
             config.dtype != "float32"
             and self.accelerator.mixed_precision == "no"
-            and (config.train_vision_tower or config.train_merger)
+            and (config.train_vision_tower or config.train_merger or config.train_language_model)
         ):
             raise ValueError(
-                "training the vision tower or merger of a half-precision backbone needs mixed_precision bf16 or fp16"
+                "training the vision tower, merger or language model of a half-precision backbone needs "
+                "mixed_precision bf16 or fp16"
             )
         # The head's and the score rows' initialisation draw from the global generator: seeded.
         set_seed(config.seed)
@@ -318,7 +323,10 @@ class ScoreTokenTrainer:
             lora=lora,
             vision_tower=config.train_vision_tower,
             merger=config.train_merger,
+            language_model=config.train_language_model,
             output_rows=bool(config.loss.ce),
+            vision_probe=bool(config.loss.vision_probe),
+            vision_learns_from_probe_only=config.loss.vision_probe_only,
         )
         return QScorerForTraining(
             scorer, parts, answer_token_count(scorer, config.answer_text), config.gradient_checkpointing
