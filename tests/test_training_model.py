@@ -124,6 +124,32 @@ def test_a_whole_language_model_is_trained_and_exported_without_lora(base_dir, t
     assert torch.allclose(QScorer.from_pretrained(merged)(IMAGES), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("probe_only", [False, True])
+def test_the_vision_probe_reaches_the_tower_and_probe_only_stops_the_score_path_there(base_dir, tmp_path, probe_only):
+    torch.manual_seed(0)
+    scorer = QScorer.from_base_model(base_dir, num_score_tokens=1, max_pixels=112 * 112)
+    parts = TrainableParts(lora=None, vision_tower=True, merger=True, language_model=True, vision_probe=True,
+                           vision_learns_from_probe_only=probe_only)  # fmt: skip
+    model = QScorerForTraining(scorer, parts, answer_token_count(scorer, ANSWER), gradient_checkpointing=False)
+    outputs = model.train()(IMAGES)
+    assert outputs["vision_probe_scores"].shape == (2,) and outputs["vision_probe_scores"].dtype == torch.float32
+    tower = [p for n, p in model.named_parameters() if ".visual." in n]
+    language = [p for n, p in model.named_parameters() if ".language_model.layers." in n]
+
+    outputs["scores"].sum().backward()  # the score path alone
+    assert all(p.grad is not None for p in language)
+    reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in tower]
+    assert not any(reached) if probe_only else all(reached)
+    model.zero_grad(set_to_none=True)
+    model(IMAGES)["vision_probe_scores"].sum().backward()  # the probe reaches the tower either way
+    assert all(p.grad is not None for p in tower) and all(p.grad is None for p in language)
+    # The probe is a training aid: the exported checkpoint has no trace of it and scores the same.
+    directory = save_trained_parts(model, model.state_dict(), tmp_path / f"parts-{probe_only}")
+    with torch.no_grad():
+        expected = model.eval()([image.clone() for image in IMAGES])["scores"]
+    assert torch.allclose(QScorer.from_pretrained(directory)(IMAGES), expected, atol=1e-5)
+
+
 def test_export_loads_with_the_same_scores_including_a_trained_vision_tower(base_dir, tmp_path):
     model = _training_model(base_dir, vision=True, merger=True)
     with torch.no_grad():
