@@ -70,6 +70,15 @@ def test_invalid_settings_are_refused(change, message):
         _config(**change)
 
 
+def test_a_vision_probe_only_objective_needs_the_probe():
+    data = _config().to_dict()
+    data["loss"]["vision_probe_only"] = True
+    with pytest.raises(ValueError, match="needs a loss.vision_probe weight"):
+        TrainingConfig.from_dict(data)
+    data["loss"]["vision_probe"] = 1.0
+    assert TrainingConfig.from_dict(data).loss.vision_probe_only
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -116,6 +116,10 @@ class LossWeights:
     fidelity_std: float = 1.0
     ranking_margin: float = 0.1
 
+    def __post_init__(self) -> None:
+        if self.vision_probe_only and not self.vision_probe:
+            raise ValueError("loss.vision_probe_only needs a loss.vision_probe weight > 0 (the tower learns from it)")
+
 
 @dataclass
 class AugmentSettings:
