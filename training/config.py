@@ -242,8 +242,6 @@ class TrainingConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
         group_size = self.training_group_size()
-        if group_size == 0:
-            raise ValueError("training datasets with synthetic group_size > 1 cannot be mixed with others")
         if self.per_device_batch_size % group_size:
             raise ValueError(
                 f"per_device_batch_size {self.per_device_batch_size} must be a multiple of the synthetic "
@@ -260,9 +258,11 @@ class TrainingConfig:
 
     def training_group_size(self) -> int:
         """How many consecutive training images form a group that batches keep whole: the
-        synthetic shards' ``group_size`` (1: no groups)."""
+        synthetic shards' ``group_size`` (1: no groups). Raises `ValueError` for a mixture."""
         sizes = {d.synthetic.group_size if d.synthetic is not None else 1 for d in self.train_datasets}
-        return sizes.pop() if len(sizes) == 1 else 0  # 0: mixed, refused in __post_init__
+        if len(sizes) > 1:
+            raise ValueError("training datasets with synthetic group_size > 1 cannot be mixed with others")
+        return sizes.pop()
 
     # ------------------------------------------------------------------ serialisation
 

@@ -381,7 +381,10 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
 
     def global_order(self) -> np.ndarray:
         """The epoch's indices into the concatenated datasets, before sharding."""
-        groups = self._group_order()
+        return self._member_indices(self._group_order())
+
+    def _member_indices(self, groups: np.ndarray) -> np.ndarray:
+        """The indices of the members of ``groups``, group by group."""
         return (groups[:, None] * self.group_size + np.arange(self.group_size)).ravel()
 
     def _group_order(self) -> np.ndarray:
@@ -406,8 +409,7 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
         order = self._group_order()
         padded = math.ceil(len(order) / self.num_replicas) * self.num_replicas
         order = np.resize(order, padded)  # repeats the start to fill
-        groups = order[self.rank :: self.num_replicas]
-        return (groups[:, None] * self.group_size + np.arange(self.group_size)).ravel()
+        return self._member_indices(order[self.rank :: self.num_replicas])
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.shard()[self.position :].tolist())
