@@ -150,6 +150,26 @@ def test_the_vision_probe_reaches_the_tower_and_probe_only_stops_the_score_path_
     assert torch.allclose(QScorer.from_pretrained(directory)(IMAGES), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("probe_only", [False, True])
+def test_gradient_groups_split_the_parameters_by_the_losses_that_reach_them(base_dir, probe_only):
+    torch.manual_seed(0)
+    scorer = QScorer.from_base_model(base_dir, num_score_tokens=1, max_pixels=112 * 112)
+    parts = TrainableParts(lora=None, vision_tower=True, merger=True, language_model=True, vision_probe=True,
+                           vision_learns_from_probe_only=probe_only)  # fmt: skip
+    model = QScorerForTraining(scorer, parts, answer_token_count(scorer, ANSWER), gradient_checkpointing=False)
+    groups = model.gradient_groups()
+    assert len(groups) == (2 if probe_only else 1)
+    assert sorted(map(id, sum(groups, []))) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    if not probe_only:
+        return
+    probe_part, score_part = groups
+    model.train()(IMAGES)["scores"].sum().backward()
+    assert all(p.grad is None for p in probe_part) and any(p.grad is not None for p in score_part)
+    model.zero_grad(set_to_none=True)
+    model(IMAGES)["vision_probe_scores"].sum().backward()
+    assert all(p.grad is not None for p in probe_part) and all(p.grad is None for p in score_part)
+
+
 def test_export_loads_with_the_same_scores_including_a_trained_vision_tower(base_dir, tmp_path):
     model = _training_model(base_dir, vision=True, merger=True)
     with torch.no_grad():

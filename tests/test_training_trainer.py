@@ -149,6 +149,25 @@ def test_tiny_scorer_learns_a_known_quality_function(trained_run, noise_data):
 
 
 @pytest.mark.slow
+def test_the_default_models_setup_learns_it_with_the_tower_taught_by_the_probe(learnable_base, noise_data, tmp_path):
+    # As qscorer-tiny trains: whole language model, no LoRA, the tower learning from the vision
+    # probe alone, each part's gradients clipped on their own.
+    config = learning_config(
+        learnable_base,
+        noise_data,
+        tmp_path / "out",
+        lora=None,
+        train_language_model=True,
+        loss=LossWeights(mse=1.0, ce=0.05, vision_probe=1.0, vision_probe_only=True),
+    )
+    report = ScoreTokenTrainer(config).train()
+    assert report["held-out"]["srcc"] >= 0.9, report
+    assert held_out_srcc(tmp_path / "out" / "final", noise_data[1]) >= 0.9
+    probe_losses = [record["vision_probe"] for record in log_events(tmp_path / "out", "train")]
+    assert probe_losses[-1] < 0.3 * probe_losses[0]
+
+
+@pytest.mark.slow
 def test_the_same_run_under_accelerate_launch_with_two_processes(learnable_base, noise_data, tmp_path):
     # Two processes with 16 images each: half the steps see the same number of images.
     config = learning_config(learnable_base, noise_data, tmp_path / "out", max_steps=150, save_steps=150)

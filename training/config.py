@@ -103,7 +103,8 @@ class LossWeights:
     merger's output), for a vision tower trained from scratch: it gives the tower a short gradient
     path while the language model learns to read it. Training only; not part of the checkpoint.
     ``vision_probe_only``: the tower learns from the probe alone (the score losses stop at its
-    output, training the language model, score token and head on top of it).
+    output, training the language model, score token and head on top of it); the two parts'
+    gradients are then clipped separately (`QScorerForTraining.gradient_groups`).
     """
 
     mse: float = 1.0

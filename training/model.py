@@ -159,6 +159,24 @@ class QScorerForTraining(nn.Module):
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, param in self.named_parameters() if param.requires_grad]
 
+    def gradient_groups(self) -> list[list[nn.Parameter]]:
+        """The trainable parameters split by the losses that reach them, for gradient clipping.
+
+        With the vision tower learning from the probe alone, two groups: the tower, its merger and
+        the probe (the probe loss only) and everything else (the score losses only); otherwise one.
+        Clipped together, the language model's gradients (about 200 times the tower's at the
+        start of training from scratch) would set the clipping factor of the tower's updates too.
+        """
+        trainable = [(name, param) for name, param in self.named_parameters() if param.requires_grad]
+        if self.vision_probe is None or not self.vision_probe.detach_language_model_input:
+            return [[param for _, param in trainable]]
+        learns_from_probe = [".visual." in f".{name}" or name.startswith("vision_probe.") for name, _ in trainable]
+        groups = [
+            [param for (_, param), probe in zip(trainable, learns_from_probe) if probe],
+            [param for (_, param), probe in zip(trainable, learns_from_probe) if not probe],
+        ]
+        return [group for group in groups if group]
+
     def forward(self, pixels: torch.Tensor | list[torch.Tensor], compute_ce: bool = True) -> dict[str, torch.Tensor]:
         """Score a batch and (optionally) compute the answer's cross-entropy.
 

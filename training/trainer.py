@@ -174,7 +174,10 @@ class ScoreTokenTrainer:
         if config.report_to:
             accelerator.init_trackers("qscorer-score-token-training", config=_flat(config.to_dict()))
 
-        trainable = [p for p in prepared.parameters() if p.requires_grad]
+        gradient_groups = model.gradient_groups()
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # Their wrapped models hold flattened or partitioned parameters: clip them as one.
+            gradient_groups = [[p for p in prepared.parameters() if p.requires_grad]]
         batches_per_epoch = steps_per_epoch * config.gradient_accumulation_steps
         progress = self._progress_bar(total_steps, state["global_step"])
         running: dict[str, list[float]] = {}
@@ -202,7 +205,7 @@ class ScoreTokenTrainer:
                 if state["batches_done"] >= batches_per_epoch:
                     break
                 failed.extend(batch["failed"])
-                terms = self._train_on_batch(batch, prepared, optimizer, scheduler, trainable)
+                terms = self._train_on_batch(batch, prepared, optimizer, scheduler, gradient_groups)
                 state["batches_done"] += 1
                 for name, value in terms.items():
                     running.setdefault(name, []).append(value)
@@ -239,9 +242,10 @@ class ScoreTokenTrainer:
             accelerator.end_training()
         return report or {}
 
-    def _train_on_batch(self, batch: dict, prepared, optimizer, scheduler, trainable) -> dict[str, float]:
+    def _train_on_batch(self, batch: dict, prepared, optimizer, scheduler, gradient_groups) -> dict[str, float]:
         """Forward and backward on one micro-batch; an optimizer step when accelerate says the
-        accumulated gradients are complete. Returns the loss and its terms (unweighted)."""
+        accumulated gradients are complete. ``gradient_groups`` (`QScorerForTraining.gradient_groups`)
+        are clipped to ``max_grad_norm`` each. Returns the loss and its terms (unweighted)."""
         accelerator, config = self.accelerator, self.config
         with accelerator.accumulate(prepared):
             pixels = to_unit_pixels(batch["pixels"], device=accelerator.device)
@@ -252,7 +256,8 @@ class ScoreTokenTrainer:
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    for group in gradient_groups:
+                        accelerator.clip_grad_norm_(group, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
