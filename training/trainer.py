@@ -255,9 +255,13 @@ class ScoreTokenTrainer:
             )
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                if config.max_grad_norm:
+                if config.max_grad_norm and len(gradient_groups) == 1:
+                    accelerator.clip_grad_norm_(gradient_groups[0], config.max_grad_norm)
+                elif config.max_grad_norm:
+                    # fp16's gradient scaler may unscale once per step: here, not per group.
+                    accelerator.unscale_gradients()
                     for group in gradient_groups:
-                        accelerator.clip_grad_norm_(group, config.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(group, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
