@@ -100,3 +100,25 @@ def test_synthetic_settings_go_with_the_synthetic_format_only():
         DatasetConfig(name="s", path="shard", format="synthetic_iqa")
     with pytest.raises(ValueError, match="needs the synthetic settings"):
         DatasetConfig(name="m", path="m.csv", synthetic=SyntheticSettings(length=4))
+
+
+def test_the_vision_probe_experiment_trains_the_base_tower_and_measures_each_gap(tmp_path):
+    import importlib.util
+
+    script = RECIPE.parents[2] / "scripts" / "vision_probe_experiment.py"
+    spec = importlib.util.spec_from_file_location("vision_probe_experiment", script)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    base = write_tiny_base(tmp_path / "base")
+    shard = ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=8, size=56, group_size=4, workers=1))
+
+    summary = experiment.main(
+        ["--base", str(base), "--shard", str(shard.parent), "--cache-dir", str(tmp_path / "cache"), "--steps", "2",
+         "--eval-every", "1", "--batch-size", "8", "--dev-crops", "1", "--json", str(tmp_path / "r.json")]
+    )  # fmt: skip
+
+    assert [entry["step"] for entry in summary["history"]] == [1, 2]
+    assert set(summary["per_type"]) == {"train", "held_out"}
+    assert all(len(types) == 26 for types in summary["per_type"].values())
+    assert (tmp_path / "r.json").is_file() and len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    assert all(-1 <= entry[name] <= 1 for entry in summary["history"] for name in ("train", "held_out"))

@@ -167,6 +167,34 @@ def test_the_default_models_setup_learns_it_with_the_tower_taught_by_the_probe(l
     assert probe_losses[-1] < 0.3 * probe_losses[0]
 
 
+def test_probe_only_runs_clip_the_tower_and_the_score_path_separately(tiny_base, small_data, tmp_path, monkeypatch):
+    # Clipped as one vector, the language model's large gradients would shrink the tower's too.
+    config = resumable_config(
+        tiny_base, small_data, tmp_path / "out", lora=None, train_vision_tower=True, train_language_model=True,
+        loss=LossWeights(mse=1.0, ce=0.05, vision_probe=1.0, vision_probe_only=True), max_steps=1,
+        gradient_accumulation_steps=1, gradient_checkpointing=False, save_steps=None, max_grad_norm=0.01,
+    )  # fmt: skip
+    gradients_at_step = {}
+    adamw_step = torch.optim.AdamW.step
+
+    def keep_gradients(optimizer, *args, **kwargs):
+        for group in optimizer.param_groups:
+            gradients_at_step.update({id(p): p.grad.clone() for p in group["params"] if p.grad is not None})
+        return adamw_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", keep_gradients)
+    trainer = ScoreTokenTrainer(config)
+    trainer.train(resume=None)
+
+    norms = {}
+    for name, param in trainer.prepared.named_parameters():
+        if id(param) in gradients_at_step:
+            part = "probe" if ".visual." in f".{name}" or name.startswith("vision_probe.") else "score"
+            norms[part] = norms.get(part, 0.0) + float(gradients_at_step[id(param)].pow(2).sum())
+    assert norms["score"] ** 0.5 == pytest.approx(0.01, rel=1e-3)
+    assert norms["probe"] ** 0.5 == pytest.approx(0.01, rel=1e-3)
+
+
 @pytest.mark.slow
 def test_the_same_run_under_accelerate_launch_with_two_processes(learnable_base, noise_data, tmp_path):
     # Two processes with 16 images each: half the steps see the same number of images.

@@ -1,0 +1,215 @@
+"""Train a base model's vision tower with the vision probe alone, without the language model, and
+measure where it fails to generalise (docs/default_model.md, "Where the gap is").
+
+The tower and probe of a `qscorer-tiny` run cost about half a training step, so this is the quick
+way to try tower-side changes (shape, initialisation, data, schedule) before a full run::
+
+    python scripts/vision_probe_experiment.py --base runs/qscorer-tiny/base \\
+        --shard runs/qscorer-tiny/data/train --eval-dir runs/synthetic-eval --steps 1200
+
+Training: batches of whole groups of the (grouped) synthetic shard, horizontal flips, AdamW with a
+linear warm-up and cosine decay, the probe's MSE (and optionally the fidelity loss), gradient norm
+clipped at 1, as in the recipe. Every ``--eval-every`` steps and at the end it prints the mean
+per-type SRCC (`synthetic_evaluation.summarise`) on three sets: new crops of the training photos
+with the training implementations and with the held-out ones (written to ``--cache-dir`` on first
+use), and the held-out evaluation set in ``--eval-dir`` (`scripts/evaluate_synthetic_quality.py`
+writes it). The shard and the sets are decoded once into ``.npy`` files in ``--cache-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qscorer_reward.backbones.qwen_vl import patchify
+from qscorer_reward.config import QScorerConfig
+from qscorer_reward.preprocessing import normalize
+from qscorer_reward.training.content import TRAIN_PHOTOS, photo_crop, quantise
+from qscorer_reward.training.distortions import DISTORTION_TYPES, LEVELS
+from qscorer_reward.training.image_ops import to_uint8
+from qscorer_reward.training.losses import fidelity_loss, score_mse_loss
+from qscorer_reward.training.model import VisionProbe
+from qscorer_reward.training.quality_labels import fidelity, mos_label
+from qscorer_reward.training.synthetic_evaluation import summarise
+
+SCORE_MIDPOINT = 3.0  # of the 1..5 scale, where the probe's output starts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", type=Path, required=True, help="base model folder (make_tiny_base)")
+    parser.add_argument("--shard", type=Path, required=True, help="grouped synthetic shard folder (its manifest.csv)")
+    parser.add_argument("--eval-dir", type=Path, help="held-out evaluation set folder (optional)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("runs/vision-probe-cache"))
+    parser.add_argument("--dev-crops", type=int, default=20, help="training-photo crops per development set")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--eval-every", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=4, help="the shard's group size")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--fidelity", type=float, default=0.0, help="weight of the fidelity loss beside the MSE")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the evaluations to this file")
+    return parser.parse_args(argv)
+
+
+def decoded_images(rows: list[dict], root: Path, cache: Path) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` of the manifest ``rows`` (paths relative to ``root``), memory-mapped
+    from ``cache`` (written on first use)."""
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, np.stack([np.asarray(Image.open(root / row["image"]).convert("RGB")) for row in rows]))
+    return np.load(cache, mmap_mode="r")
+
+
+def read_rows(manifest: Path) -> list[dict]:
+    with manifest.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    for row in rows:
+        row["mos"], row["level"] = float(row["mos"]), float(row["level"])
+    return rows
+
+
+def development_set(cache: Path, crops: int, split: str, size: int, seed: int = 12345):
+    """New crops of the training photos, each pristine and with every type at levels 1..5 with the
+    ``split`` implementations: (rows as `summarise` reads them, uint8 images), cached."""
+    meta = cache.with_suffix(".json")
+    if not cache.exists():
+        rng = np.random.default_rng(seed)
+        passes = math.ceil(crops / len(TRAIN_PHOTOS))  # each photo once per pass, in a new order
+        order = np.concatenate([rng.permutation(len(TRAIN_PHOTOS)) for _ in range(passes)])
+        rows, images = [], []
+        for index in range(crops):
+            photo = TRAIN_PHOTOS[order[index]]
+            try:
+                pristine = photo_crop(photo, size, np.random.default_rng([seed, index]))
+            except ValueError:  # a photo smaller than the crop
+                continue
+            group = f"{photo}_{index}"
+            rows.append(dict(distortion="pristine", level=0.0, mos=5.0, group=group))
+            images.append(to_uint8(pristine))
+            for type_index, (name, distortion) in enumerate(DISTORTION_TYPES.items()):
+                for level in LEVELS:
+                    rng = np.random.default_rng([seed, index, type_index, level])
+                    implementation = distortion.choose_implementation(rng, split)
+                    distorted = quantise(distortion(pristine, level, rng, implementation))
+                    mos = mos_label(level, fidelity(pristine, distorted))
+                    rows.append(dict(distortion=name, level=float(level), mos=mos, group=group))
+                    images.append(to_uint8(distorted))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, np.stack(images))
+        meta.write_text(json.dumps(rows))
+    return json.loads(meta.read_text()), np.load(cache, mmap_mode="r")
+
+
+class TowerWithProbe(torch.nn.Module):
+    """The base's vision tower and a `VisionProbe` on its merged tokens."""
+
+    def __init__(self, base: Path):
+        super().__init__()
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(base, attn_implementation="sdpa")
+        self.visual = model.model.visual.float()
+        vision = model.config.vision_config
+        self.patch_size, self.merge_size = vision.patch_size, vision.spatial_merge_size
+        self.temporal_patch_size = vision.temporal_patch_size
+        hidden = model.config.text_config.hidden_size
+        self.probe = VisionProbe(self.visual, hidden, SCORE_MIDPOINT, detach_language_model_input=False)
+
+    def forward(self, images: np.ndarray, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B]`` float32 scores of uint8 ``[B, H, W, 3]`` images (flipped left-right where ``flip``)."""
+        pixels = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255
+        if flip is not None:
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        # The Qwen-VL normalisation a QScorer applies (`QScorerConfig`'s defaults).
+        normalised = normalize(pixels, QScorerConfig.image_mean, QScorerConfig.image_std)
+        patches = patchify(normalised, self.patch_size, self.merge_size, self.temporal_patch_size)
+        count, _, height, width = pixels.shape
+        grid = torch.tensor([[1, height // self.patch_size, width // self.patch_size]] * count)
+        self.visual(patches, grid_thw=grid)
+        return self.probe.scores((grid.prod(-1) // self.merge_size**2).tolist())
+
+
+@torch.no_grad()
+def evaluate(model: TowerWithProbe, rows: list[dict], images: np.ndarray, batch: int = 64) -> dict:
+    model.eval()
+    scores = torch.cat([model(images[start : start + batch]) for start in range(0, len(images), batch)])
+    model.train()
+    return summarise(rows, scores.double().numpy())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    train_rows = read_rows(args.shard / "manifest.csv")
+    train_images = decoded_images(train_rows, args.shard, args.cache_dir / f"{args.shard.name}-shard.npy")
+    size = train_images.shape[1]
+    sets = {
+        split: development_set(args.cache_dir / f"dev-{split}-{args.dev_crops}x{size}.npy", args.dev_crops, split, size)
+        for split in ("train", "held_out")
+    }
+    if args.eval_dir:
+        rows = read_rows(args.eval_dir / "manifest.csv")
+        sets["held_out_photos"] = (rows, decoded_images(rows, args.eval_dir, args.cache_dir / f"eval-{size}.npy"))
+
+    model = TowerWithProbe(args.base)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+
+    def schedule(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    mos = torch.tensor([row["mos"] for row in train_rows], dtype=torch.float32)
+    groups_per_batch = args.batch_size // args.group_size
+    group_count = len(train_rows) // args.group_size
+    if groups_per_batch < 1 or group_count < groups_per_batch:
+        raise SystemExit(f"{len(train_rows)} images make no batch of {args.batch_size} in groups of {args.group_size}")
+    rng = np.random.default_rng(args.seed)
+    order, position = rng.permutation(group_count), 0
+    history, started = [], time.monotonic()
+    for step in range(1, args.steps + 1):
+        if position + groups_per_batch > group_count:
+            order, position = rng.permutation(group_count), 0
+        groups = np.sort(order[position : position + groups_per_batch])
+        position += groups_per_batch
+        indices = (groups[:, None] * args.group_size + np.arange(args.group_size)).reshape(-1)
+        predicted = model(train_images[indices], torch.from_numpy(rng.random(len(indices)) < 0.5))
+        loss = score_mse_loss(predicted, mos[indices])
+        if args.fidelity:
+            loss = loss + args.fidelity * fidelity_loss(predicted, mos[indices])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            results = {name: evaluate(model, rows, images) for name, (rows, images) in sets.items()}
+            entry = {"step": step, "seconds": round(time.monotonic() - started)}
+            entry |= {name: round(result["mean_srcc"], 3) for name, result in results.items()}
+            print(json.dumps(entry), flush=True)
+            history.append(entry)
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "history": history}
+    summary["per_type"] = {
+        name: {kind: round(entry["srcc"], 3) for kind, entry in result["per_distortion"].items()}
+        for name, result in results.items()
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
