@@ -19,7 +19,6 @@ writes it). The shard and the sets are decoded once into ``.npy`` files in ``--c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -39,6 +38,7 @@ from qscorer_reward.training.losses import fidelity_loss, score_mse_loss
 from qscorer_reward.training.model import VisionProbe
 from qscorer_reward.training.quality_labels import fidelity, mos_label
 from qscorer_reward.training.synthetic_evaluation import summarise
+from qscorer_reward.training.synthetic_iqa import read_manifest
 
 SCORE_MIDPOINT = 3.0  # of the 1..5 scale, where the probe's output starts
 
@@ -62,21 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def decoded_images(rows: list[dict], root: Path, cache: Path) -> np.ndarray:
-    """uint8 ``[N, H, W, 3]`` of the manifest ``rows`` (paths relative to ``root``), memory-mapped
-    from ``cache`` (written on first use)."""
+def decoded_images(rows: list[dict], cache: Path) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` of the manifest ``rows`` (`read_manifest`'s), memory-mapped from
+    ``cache`` (written on first use)."""
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, np.stack([np.asarray(Image.open(root / row["image"]).convert("RGB")) for row in rows]))
+        np.save(cache, np.stack([np.asarray(Image.open(row["image"]).convert("RGB")) for row in rows]))
     return np.load(cache, mmap_mode="r")
-
-
-def read_rows(manifest: Path) -> list[dict]:
-    with manifest.open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    for row in rows:
-        row["mos"], row["level"] = float(row["mos"]), float(row["level"])
-    return rows
 
 
 def development_set(cache: Path, crops: int, split: str, size: int, seed: int = 12345):
@@ -151,16 +143,16 @@ def evaluate(model: TowerWithProbe, rows: list[dict], images: np.ndarray, batch:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    train_rows = read_rows(args.shard / "manifest.csv")
-    train_images = decoded_images(train_rows, args.shard, args.cache_dir / f"{args.shard.name}-shard.npy")
+    train_rows = read_manifest(args.shard / "manifest.csv")
+    train_images = decoded_images(train_rows, args.cache_dir / f"{args.shard.name}-shard.npy")
     size = train_images.shape[1]
     sets = {
         split: development_set(args.cache_dir / f"dev-{split}-{args.dev_crops}x{size}.npy", args.dev_crops, split, size)
         for split in ("train", "held_out")
     }
     if args.eval_dir:
-        rows = read_rows(args.eval_dir / "manifest.csv")
-        sets["held_out_photos"] = (rows, decoded_images(rows, args.eval_dir, args.cache_dir / f"eval-{size}.npy"))
+        rows = read_manifest(args.eval_dir / "manifest.csv")
+        sets["held_out_photos"] = (rows, decoded_images(rows, args.cache_dir / f"eval-{size}.npy"))
 
     model = TowerWithProbe(args.base)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)

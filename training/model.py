@@ -170,12 +170,10 @@ class QScorerForTraining(nn.Module):
         trainable = [(name, param) for name, param in self.named_parameters() if param.requires_grad]
         if self.vision_probe is None or not self.vision_probe.detach_language_model_input:
             return [[param for _, param in trainable]]
-        learns_from_probe = [".visual." in f".{name}" or name.startswith("vision_probe.") for name, _ in trainable]
-        groups = [
-            [param for (_, param), probe in zip(trainable, learns_from_probe) if probe],
-            [param for (_, param), probe in zip(trainable, learns_from_probe) if not probe],
-        ]
-        return [group for group in groups if group]
+        groups = {True: [], False: []}  # learns from the probe: yes / no
+        for name, param in trainable:
+            groups[".visual." in f".{name}" or name.startswith("vision_probe.")].append(param)
+        return [group for group in groups.values() if group]
 
     def forward(self, pixels: torch.Tensor | list[torch.Tensor], compute_ce: bool = True) -> dict[str, torch.Tensor]:
         """Score a batch and (optionally) compute the answer's cross-entropy.
