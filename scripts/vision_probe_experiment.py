@@ -14,6 +14,12 @@ per-type SRCC (`synthetic_evaluation.summarise`) on three sets: new crops of the
 with the training implementations and with the held-out ones (written to ``--cache-dir`` on first
 use), and the held-out evaluation set in ``--eval-dir`` (`scripts/evaluate_synthetic_quality.py`
 writes it). The shard and the sets are decoded once into ``.npy`` files in ``--cache-dir``.
+
+``--augment dihedral`` also turns images by multiples of 90 degrees and ``--permute-channels``
+reorders their RGB channels (content variety at no data cost). ``--save`` writes the tower and
+probe at every evaluation, ``--load`` starts from such a file, and ``--steps 0 --load FILE`` only
+evaluates it (e.g. towers trained elsewhere with ``--device cuda``); ``--dev-crops 0`` skips the
+development sets.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard", type=Path, required=True, help="grouped synthetic shard folder (its manifest.csv)")
     parser.add_argument("--eval-dir", type=Path, help="held-out evaluation set folder (optional)")
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/vision-probe-cache"))
-    parser.add_argument("--dev-crops", type=int, default=20, help="training-photo crops per development set")
+    parser.add_argument(
+        "--dev-crops", type=int, default=20, help="training-photo crops per development set (0: no development sets)"
+    )
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--eval-every", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -57,6 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--fidelity", type=float, default=0.0, help="weight of the fidelity loss beside the MSE")
+    parser.add_argument(
+        "--augment",
+        choices=("hflip", "dihedral"),
+        default="hflip",
+        help="hflip: mirror half the images (the recipe's); dihedral: also turn the (square) images by "
+        "multiples of 90 degrees",
+    )
+    parser.add_argument("--permute-channels", action="store_true", help="shuffle the RGB channels of each image")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--load", type=Path, help="start from this saved tower and probe (--save's file)")
+    parser.add_argument("--save", type=Path, help="save the tower and probe here at every evaluation and the end")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the evaluations to this file")
     return parser.parse_args(argv)
@@ -118,26 +137,47 @@ class TowerWithProbe(torch.nn.Module):
         hidden = model.config.text_config.hidden_size
         self.probe = VisionProbe(self.visual, hidden, SCORE_MIDPOINT, detach_language_model_input=False)
 
-    def forward(self, images: np.ndarray, flip: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B]`` float32 scores of uint8 ``[B, H, W, 3]`` images (flipped left-right where ``flip``)."""
-        pixels = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255
-        if flip is not None:
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B]`` float32 scores of float RGB ``[B, 3, H, W]`` pixels in [0, 1]."""
         # The Qwen-VL normalisation a QScorer applies (`QScorerConfig`'s defaults).
         normalised = normalize(pixels, QScorerConfig.image_mean, QScorerConfig.image_std)
         patches = patchify(normalised, self.patch_size, self.merge_size, self.temporal_patch_size)
         count, _, height, width = pixels.shape
-        grid = torch.tensor([[1, height // self.patch_size, width // self.patch_size]] * count)
+        grid = torch.tensor([[1, height // self.patch_size, width // self.patch_size]] * count, device=pixels.device)
         self.visual(patches, grid_thw=grid)
         return self.probe.scores((grid.prod(-1) // self.merge_size**2).tolist())
+
+
+def unit_pixels(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """float32 ``[B, 3, H, W]`` in [0, 1] on ``device`` of uint8 ``[B, H, W, 3]`` images."""
+    return torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2).float() / 255
+
+
+def augmented(pixels: torch.Tensor, rng: np.random.Generator, dihedral: bool, permute_channels: bool) -> torch.Tensor:
+    """Each image of ``[B, 3, H, W]`` mirrored left-right with probability 1/2, and with
+    ``dihedral`` rotated by a random multiple of 90 degrees, with ``permute_channels`` with its
+    RGB channels in a random order: transformations that leave the distortions' severity alone."""
+    flips = rng.random(len(pixels)) < 0.5
+    images = []
+    for image, flip in zip(pixels, flips):
+        image = image.flip(-1) if flip else image
+        if dihedral:
+            image = torch.rot90(image, int(rng.integers(4)), dims=(-2, -1))
+        if permute_channels:
+            image = image[torch.from_numpy(rng.permutation(3)).to(image.device)]
+        images.append(image)
+    return torch.stack(images)
 
 
 @torch.no_grad()
 def evaluate(model: TowerWithProbe, rows: list[dict], images: np.ndarray, batch: int = 64) -> dict:
     model.eval()
-    scores = torch.cat([model(images[start : start + batch]) for start in range(0, len(images), batch)])
+    device = next(model.parameters()).device
+    scores = torch.cat(
+        [model(unit_pixels(images[start : start + batch], device)) for start in range(0, len(images), batch)]
+    )
     model.train()
-    return summarise(rows, scores.double().numpy())
+    return summarise(rows, scores.double().cpu().numpy())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -149,12 +189,16 @@ def main(argv: list[str] | None = None) -> dict:
     sets = {
         split: development_set(args.cache_dir / f"dev-{split}-{args.dev_crops}x{size}.npy", args.dev_crops, split, size)
         for split in ("train", "held_out")
+        if args.dev_crops
     }
     if args.eval_dir:
         rows = read_manifest(args.eval_dir / "manifest.csv")
         sets["held_out_photos"] = (rows, decoded_images(rows, args.cache_dir / f"eval-{size}.npy"))
 
     model = TowerWithProbe(args.base)
+    if args.load:
+        model.load_state_dict(torch.load(args.load, map_location="cpu"))
+    model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
     def schedule(step: int) -> float:
@@ -163,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         return 0.5 * (1 + math.cos(math.pi * (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    mos = torch.tensor([row["mos"] for row in train_rows], dtype=torch.float32)
+    mos = torch.tensor([row["mos"] for row in train_rows], dtype=torch.float32, device=args.device)
     groups_per_batch = args.batch_size // args.group_size
     group_count = len(train_rows) // args.group_size
     if groups_per_batch < 1 or group_count < groups_per_batch:
@@ -177,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         groups = np.sort(order[position : position + groups_per_batch])
         position += groups_per_batch
         indices = (groups[:, None] * args.group_size + np.arange(args.group_size)).reshape(-1)
-        predicted = model(train_images[indices], torch.from_numpy(rng.random(len(indices)) < 0.5))
+        pixels = unit_pixels(train_images[indices], args.device)
+        predicted = model(augmented(pixels, rng, args.augment == "dihedral", args.permute_channels))
         loss = score_mse_loss(predicted, mos[indices])
         if args.fidelity:
             loss = loss + args.fidelity * fidelity_loss(predicted, mos[indices])
@@ -192,6 +237,13 @@ def main(argv: list[str] | None = None) -> dict:
             entry |= {name: round(result["mean_srcc"], 3) for name, result in results.items()}
             print(json.dumps(entry), flush=True)
             history.append(entry)
+            if args.save:
+                args.save.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), args.save)
+    if args.steps == 0:
+        results = {name: evaluate(model, rows, images) for name, (rows, images) in sets.items()}
+        history.append({"step": 0} | {name: round(result["mean_srcc"], 3) for name, result in results.items()})
+        print(json.dumps(history[-1]), flush=True)
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "history": history}
     summary["per_type"] = {
         name: {kind: round(entry["srcc"], 3) for kind, entry in result["per_distortion"].items()}

@@ -2,8 +2,10 @@
 synthetic shards written when the run starts, two steps of ``training/configs/qscorer_tiny.yaml``
 through ``qscorer train``, and a merged checkpoint that loads and scores without the base."""
 
+import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,9 +114,11 @@ def test_the_vision_probe_experiment_trains_the_base_tower_and_measures_each_gap
     base = write_tiny_base(tmp_path / "base")
     shard = ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=8, size=56, group_size=4, workers=1))
 
+    common = ["--base", str(base), "--shard", str(shard.parent), "--cache-dir", str(tmp_path / "cache"),
+              "--batch-size", "8", "--dev-crops", "1"]  # fmt: skip
     summary = experiment.main(
-        ["--base", str(base), "--shard", str(shard.parent), "--cache-dir", str(tmp_path / "cache"), "--steps", "2",
-         "--eval-every", "1", "--batch-size", "8", "--dev-crops", "1", "--json", str(tmp_path / "r.json")]
+        [*common, "--steps", "2", "--eval-every", "1", "--augment", "dihedral", "--permute-channels",
+         "--save", str(tmp_path / "tower.pt"), "--json", str(tmp_path / "r.json")]
     )  # fmt: skip
 
     assert [entry["step"] for entry in summary["history"]] == [1, 2]
@@ -122,3 +126,18 @@ def test_the_vision_probe_experiment_trains_the_base_tower_and_measures_each_gap
     assert all(len(types) == 26 for types in summary["per_type"].values())
     assert (tmp_path / "r.json").is_file() and len(list((tmp_path / "cache").glob("*.npy"))) == 3
     assert all(-1 <= entry[name] <= 1 for entry in summary["history"] for name in ("train", "held_out"))
+    # The saved tower and probe, evaluated without training, give the last evaluation again.
+    reloaded = experiment.main([*common, "--steps", "0", "--load", str(tmp_path / "tower.pt")])
+    assert reloaded["history"][0] | {"step": 2, "seconds": 0} == summary["history"][-1] | {"seconds": 0}
+
+    # Each augmented image is its original turned, mirrored and with its channels reordered.
+    pixels = torch.rand(6, 3, 8, 8)
+    augmented = experiment.augmented(pixels, np.random.default_rng(0), dihedral=True, permute_channels=True)
+    for original, image in zip(pixels, augmented):
+        variants = [
+            torch.rot90(flipped, k, dims=(-2, -1))[list(order)]
+            for flipped in (original, original.flip(-1))
+            for k in range(4)
+            for order in itertools.permutations(range(3))
+        ]
+        assert any(torch.equal(image, variant) for variant in variants)

@@ -79,6 +79,20 @@ def test_a_vision_probe_only_objective_needs_the_probe():
     assert TrainingConfig.from_dict(data).loss.vision_probe_only
 
 
+def test_a_vision_tower_phase_needs_the_probe_alone_a_vision_side_and_steps_after_it():
+    probe_only = {"loss": {"vision_probe": 1.0, "vision_probe_only": True}, "train_vision_tower": True}
+    data = _config().to_dict() | {"vision_tower_steps": 100}
+    with pytest.raises(ValueError, match="set loss.vision_probe > 0 and loss.vision_probe_only"):
+        TrainingConfig.from_dict(data)
+    with pytest.raises(ValueError, match="needs train_vision_tower or train_merger"):
+        TrainingConfig.from_dict(data | probe_only | {"train_vision_tower": False})
+    with pytest.raises(ValueError, match="vision_tower_steps 100 must be < max_steps 100"):
+        TrainingConfig.from_dict(data | probe_only | {"max_steps": 100})
+    with pytest.raises(ValueError, match="vision_tower_steps must be >= 0"):
+        TrainingConfig.from_dict(data | probe_only | {"vision_tower_steps": -1})
+    assert TrainingConfig.from_dict(data | probe_only | {"max_steps": 101}).vision_tower_steps == 100
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -203,3 +203,32 @@ def test_trained_modules_with_unknown_or_misshaped_tensors_are_refused(base_dir,
     save_file({**tensors, "model.visual.extra.weight": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not in the backbone model"):
         QScorer.from_pretrained(directory)
+
+
+def test_a_vision_only_forward_gives_the_probe_the_same_scores_without_the_language_model(base_dir):
+    torch.manual_seed(0)
+    scorer = QScorer.from_base_model(base_dir, num_score_tokens=1, max_pixels=112 * 112)
+    parts = TrainableParts(lora=None, vision_tower=True, merger=True, language_model=True, vision_probe=True,
+                           vision_learns_from_probe_only=True)  # fmt: skip
+    model = QScorerForTraining(scorer, parts, answer_token_count(scorer, ANSWER), gradient_checkpointing=False).eval()
+    calls = []
+    scorer.backbone.model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        full = model(IMAGES)
+        assert len(calls) == 1
+        vision_only = model(IMAGES, vision_only=True)
+    assert len(calls) == 1 and vision_only.keys() == {"vision_probe_scores"}
+    torch.testing.assert_close(vision_only["vision_probe_scores"], full["vision_probe_scores"])
+    # The probe's loss reaches every vision-side parameter, and nothing else.
+    model.train()(IMAGES, vision_only=True)["vision_probe_scores"].sum().backward()
+    with_gradients = {id(p) for p in model.parameters() if p.grad is not None}
+    assert with_gradients == {id(p) for p in model.vision_parameters()}
+
+    without_probe = QScorerForTraining(
+        QScorer.from_base_model(base_dir, num_score_tokens=1, max_pixels=112 * 112),
+        TrainableParts(lora=None, vision_tower=True),
+        answer_token_count(scorer, ANSWER),
+        gradient_checkpointing=False,
+    )
+    with pytest.raises(ValueError, match="vision_only needs the vision probe"):
+        without_probe(IMAGES, vision_only=True)

@@ -4,6 +4,7 @@ half-written, skips and reports unreadable images, and the CLI trains and evalua
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -426,3 +427,99 @@ def test_cli_eval_requires_a_root_for_an_official_dataset(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--dataset", "koniq10k"])
     assert "--dataset needs --root" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ a vision-tower phase first
+
+
+def tower_first_config(base, manifest, output_dir, **overrides) -> TrainingConfig:
+    """A run of 6 steps whose first 3 train only the vision side (as qscorer-tiny's recipe)."""
+    settings = dict(
+        lora=None, train_vision_tower=True, train_language_model=True, vision_tower_steps=3, max_steps=6,
+        loss=LossWeights(mse=1.0, ce=0.05, fidelity=0.1, vision_probe=1.0, vision_probe_only=True),
+        gradient_checkpointing=False, logging_steps=1, warmup_ratio=0.0,
+    )  # fmt: skip
+    return resumable_config(base, manifest, output_dir, **(settings | overrides))
+
+
+def is_vision_side(name: str) -> bool:
+    return ".visual." in f".{name}" or name.startswith("vision_probe.")
+
+
+def test_vision_tower_steps_train_the_vision_side_alone_then_everything(tiny_base, small_data, tmp_path, monkeypatch):
+    steps = []  # per optimizer step: ids of the parameters with gradients, and each group's lr
+    adamw_step = torch.optim.AdamW.step
+
+    def record(optimizer, *args, **kwargs):
+        with_gradients = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+        steps.append((with_gradients, {group["phase"]: group["lr"] for group in optimizer.param_groups}))
+        return adamw_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    config = tower_first_config(tiny_base, small_data, tmp_path / "out", save_steps=None)
+    trainer = ScoreTokenTrainer(config)
+    language_model_calls = []
+    trainer_build = trainer._build_model
+
+    def build_and_watch():
+        model = trainer_build()
+        language_model = model.scorer.backbone.model.model.language_model
+        language_model.register_forward_hook(lambda *args: language_model_calls.append(1))
+        return model
+
+    monkeypatch.setattr(trainer, "_build_model", build_and_watch)
+    trainer.train(resume=None)
+
+    names = {id(param): name for name, param in trainer.prepared.named_parameters()}
+    vision = {i for i, name in names.items() if is_vision_side(name)}
+    assert len(steps) == 6
+    for with_gradients, rates in steps[:3]:
+        assert with_gradients and with_gradients <= vision
+        assert rates["vision"] > 0 and rates["language"] == 0
+    for with_gradients, rates in steps[3:]:
+        assert with_gradients & vision and with_gradients - vision
+        assert rates["vision"] > 0 and rates["language"] > 0
+    # The language side's schedule starts at the switch: a cosine over 3 steps without warm-up.
+    assert steps[3][1]["language"] == pytest.approx(config.learning_rate)
+    # The language model ran in the last 3 steps only, once per micro-batch (no evaluation here).
+    assert len(language_model_calls) == 3 * config.gradient_accumulation_steps == 6
+    records = log_events(tmp_path / "out", "train")
+    assert [("mse" in r, "vision_probe" in r) for r in records] == [(False, True)] * 3 + [(True, True)] * 3
+    assert {"lr_vision", "lr_language"} <= records[0].keys()
+
+
+@pytest.mark.parametrize(
+    ("vision_tower_steps", "resumed_at"),
+    [(3, 2), (3, 4), (4, 4)],
+    ids=["inside-the-tower-phase", "after-the-switch", "at-the-switch"],
+)
+def test_a_phased_run_resumed_anywhere_ends_as_the_uninterrupted_one(
+    tiny_base, small_data, tmp_path, vision_tower_steps, resumed_at
+):
+    settings = dict(vision_tower_steps=vision_tower_steps, save_steps=2)
+    uninterrupted = tower_first_config(tiny_base, small_data, tmp_path / "uninterrupted", save_total_limit=None,
+                                       **settings)  # fmt: skip
+    ScoreTokenTrainer(uninterrupted).train(resume=None)
+    resumed = tower_first_config(tiny_base, small_data, tmp_path / "resumed", **settings)
+    checkpoint = f"step-{resumed_at:08d}"
+    shutil.copytree(
+        tmp_path / "uninterrupted" / "checkpoints" / checkpoint, tmp_path / "resumed" / "checkpoints" / checkpoint
+    )
+    ScoreTokenTrainer(resumed).train()
+    assert log_events(tmp_path / "resumed", "resumed")[0]["step"] == resumed_at
+    files = sorted(p.name for p in (tmp_path / "uninterrupted" / "final").glob("*.safetensors"))
+    assert "trained_modules.safetensors" in files  # the tower and language model, trained whole
+    for file in files:
+        expected = load_file(tmp_path / "uninterrupted" / "final" / file)
+        got = load_file(tmp_path / "resumed" / "final" / file)
+        assert expected.keys() == got.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"{file}:{name}")
+
+
+def test_resuming_with_another_vision_tower_phase_is_refused(tiny_base, small_data, tmp_path):
+    ScoreTokenTrainer(tower_first_config(tiny_base, small_data, tmp_path / "out", max_steps=2, vision_tower_steps=1,
+                                         save_steps=2)).train(resume=None)  # fmt: skip
+    longer_phase = tower_first_config(tiny_base, small_data, tmp_path / "out", max_steps=4, vision_tower_steps=3)
+    with pytest.raises(ValueError, match="vision_tower_steps: 1 then, 3 now"):
+        ScoreTokenTrainer(longer_phase).train()

@@ -153,6 +153,12 @@ class TrainingConfig:
     scratch; excludes ``lora``). ``head_learning_rate`` applies to the head, ``learning_rate`` to
     everything else.
 
+    ``vision_tower_steps`` (with ``loss.vision_probe_only``): the first this many optimizer steps
+    run and train only the vision tower, its merger and the vision probe, without the language
+    model (for the default model's base about 60% of a full step's cost); the language model,
+    score token and head train from then on, with their own warm-up and schedule over the
+    remaining steps, while the vision side's schedule spans the whole run. Single process or DDP.
+
     Optimisation: AdamW, ``lr_scheduler`` (a transformers schedule name) with linear warmup over
     ``warmup_ratio`` of the steps, ``num_epochs`` epochs unless ``max_steps`` is set; a step is
     ``per_device_batch_size x gradient_accumulation_steps x processes`` images.
@@ -183,6 +189,7 @@ class TrainingConfig:
     train_vision_tower: bool = False
     train_merger: bool = False
     train_language_model: bool = False
+    vision_tower_steps: int = 0
     loss: LossWeights = field(default_factory=LossWeights)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     # optimisation
@@ -250,6 +257,17 @@ class TrainingConfig:
             )
         if self.train_language_model and self.lora is not None:
             raise ValueError("train_language_model trains the language model's weights whole: set lora to null")
+        if self.vision_tower_steps < 0:
+            raise ValueError(f"vision_tower_steps must be >= 0, got {self.vision_tower_steps}")
+        if self.vision_tower_steps and not self.loss.vision_probe_only:
+            raise ValueError(
+                "vision_tower_steps trains the vision tower from the vision probe alone: "
+                "set loss.vision_probe > 0 and loss.vision_probe_only: true"
+            )
+        if self.vision_tower_steps and not (self.train_vision_tower or self.train_merger):
+            raise ValueError("vision_tower_steps needs train_vision_tower or train_merger (the vision side it trains)")
+        if self.vision_tower_steps and self.max_steps is not None and self.vision_tower_steps >= self.max_steps:
+            raise ValueError(f"vision_tower_steps {self.vision_tower_steps} must be < max_steps {self.max_steps}")
         if self.learning_rate <= 0 or (self.head_learning_rate is not None and self.head_learning_rate <= 0):
             raise ValueError("learning rates must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:

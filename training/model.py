@@ -159,37 +159,56 @@ class QScorerForTraining(nn.Module):
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, param in self.named_parameters() if param.requires_grad]
 
+    def vision_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the vision tower, its merger and the `VisionProbe`: those
+        the probe's loss trains (with ``vision_probe_only``, the only loss that reaches them)."""
+        return [
+            param
+            for name, param in self.named_parameters()
+            if param.requires_grad and (".visual." in f".{name}" or name.startswith("vision_probe."))
+        ]
+
     def gradient_groups(self) -> list[list[nn.Parameter]]:
         """The trainable parameters split by the losses that reach them, for gradient clipping.
 
-        With the vision tower learning from the probe alone, two groups: the tower, its merger and
-        the probe (the probe loss only) and everything else (the score losses only); otherwise one.
-        Clipped together, the language model's gradients (about 200 times the tower's at the
-        start of training from scratch) would set the clipping factor of the tower's updates too.
+        With the vision tower learning from the probe alone, two groups: `vision_parameters` (the
+        probe loss only) and everything else (the score losses only); otherwise one. Clipped
+        together, the language model's gradients (about 200 times the tower's at the start of
+        training from scratch) would set the clipping factor of the tower's updates too.
         """
-        trainable = [(name, param) for name, param in self.named_parameters() if param.requires_grad]
+        trainable = [param for param in self.parameters() if param.requires_grad]
         if self.vision_probe is None or not self.vision_probe.detach_language_model_input:
-            return [[param for _, param in trainable]]
-        groups = {True: [], False: []}  # learns from the probe: yes / no
-        for name, param in trainable:
-            groups[".visual." in f".{name}" or name.startswith("vision_probe.")].append(param)
-        return [group for group in groups.values() if group]
+            return [trainable]
+        vision = {id(param) for param in self.vision_parameters()}
+        groups = [[p for p in trainable if id(p) in vision], [p for p in trainable if id(p) not in vision]]
+        return [group for group in groups if group]
 
-    def forward(self, pixels: torch.Tensor | list[torch.Tensor], compute_ce: bool = True) -> dict[str, torch.Tensor]:
+    def forward(
+        self, pixels: torch.Tensor | list[torch.Tensor], compute_ce: bool = True, vision_only: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Score a batch and (optionally) compute the answer's cross-entropy.
 
         Args:
             pixels: float RGB pixels in [0, 1] on the model's device, ``[B, 3, H, W]`` or a list
                 of ``[3, H, W]`` (as `qscorer_reward.preprocessing.to_unit_pixels` returns them).
             compute_ce: also compute ``ce_loss`` (training); off for evaluation.
+            vision_only: run the vision tower and the `VisionProbe` alone, not the language model
+                (a phase that trains only the tower; needs the probe).
 
         Returns a dict: ``raw_scores`` (``[B]`` float32, the unbounded regression output the score
         losses read), ``scores`` (``[B]`` float32 in the score range, what inference returns),
         with ``compute_ce`` ``ce_loss`` (0-dim float32), and with a `VisionProbe`
-        ``vision_probe_scores`` (``[B]`` float32).
+        ``vision_probe_scores`` (``[B]`` float32); with ``vision_only`` only the last.
         """
         backbone = self.scorer.backbone
         inputs = backbone.prepare(pixels)
+        if vision_only:
+            if self.vision_probe is None:
+                raise ValueError("vision_only needs the vision probe (loss.vision_probe > 0)")
+            grid = inputs.model_inputs["image_grid_thw"]
+            # The tower as the full forward runs it (dtype cast included); the probe's hook sees it.
+            backbone.model.model.get_image_features(inputs.model_inputs["pixel_values"], image_grid_thw=grid)
+            return {"vision_probe_scores": self.vision_probe.scores(self._tokens_per_image(grid))}
         hidden = backbone(inputs)
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         head = self.scorer.head
@@ -201,10 +220,13 @@ class QScorerForTraining(nn.Module):
         if compute_ce:
             outputs["ce_loss"] = self._answer_cross_entropy(hidden, inputs.input_ids, inputs.score_positions)
         if self.vision_probe is not None:
-            merge = backbone.config.merge_size**2
-            tokens = (inputs.model_inputs["image_grid_thw"].prod(-1) // merge).tolist()
+            tokens = self._tokens_per_image(inputs.model_inputs["image_grid_thw"])
             outputs["vision_probe_scores"] = self.vision_probe.scores(tokens)
         return outputs
+
+    def _tokens_per_image(self, image_grid_thw: torch.Tensor) -> list[int]:
+        """How many merged tokens the tower hands the language model per image."""
+        return (image_grid_thw.prod(-1) // self.scorer.backbone.config.merge_size**2).tolist()
 
     def _answer_cross_entropy(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, score_positions: torch.Tensor

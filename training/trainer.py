@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 
 from qscorer_reward.checkpoint import replace_directory
 from qscorer_reward.preprocessing import to_unit_pixels
@@ -47,18 +53,29 @@ TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "step-"
 # Settings a resumed run must share with the interrupted one for its data position to mean the same.
 RESUME_INVARIANTS = ("per_device_batch_size", "gradient_accumulation_steps", "seed", "num_processes")
+# Settings whose change would put a resumed step in another phase, with their value in checkpoints
+# written before they existed.
+RESUME_INVARIANTS_SINCE = {"vision_tower_steps": 0}
 
 
 def training_objective(
-    outputs: dict[str, torch.Tensor], mos: torch.Tensor, mos_std: torch.Tensor, weights: LossWeights
+    outputs: dict[str, torch.Tensor],
+    mos: torch.Tensor,
+    mos_std: torch.Tensor,
+    weights: LossWeights,
+    vision_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the enabled loss terms and each term (unweighted), from the model's
     outputs (``raw_scores``, ``ce_loss``, ``vision_probe_scores``) and the batch's MOS ``[B]`` /
-    MOS std ``[B]`` (NaN if unknown).
+    MOS std ``[B]`` (NaN if unknown). ``vision_only``: the outputs of a ``vision_only`` forward,
+    whose objective is the probe's term alone.
 
     Score terms read the unbounded regression output, so that a MOS at either end of the scale is
     reachable exactly; scoring bounds it (see `qscorer_reward.head.soft_clamp`).
     """
+    if vision_only:
+        probe = score_mse_loss(outputs["vision_probe_scores"], mos)
+        return weights.vision_probe * probe, {"vision_probe": probe}
     raw = outputs["raw_scores"]
     terms: dict[str, torch.Tensor] = {}
     if weights.mse:
@@ -100,7 +117,13 @@ class ScoreTokenTrainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=config.report_to or None,
             project_dir=config.output_dir,
+            # The language model gets no gradients while the vision tower trains alone.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+            if config.vision_tower_steps
+            else None,
         )
+        if config.vision_tower_steps:
+            self._check_vision_tower_phase_is_supported()
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self._skipped_paths: set[str] = set()
@@ -148,16 +171,11 @@ class ScoreTokenTrainer:
                 f"{config.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes"
             )
         total_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
+        if config.vision_tower_steps >= total_steps:
+            raise ValueError(f"vision_tower_steps {config.vision_tower_steps} leaves none of the {total_steps} steps")
 
         optimizer = self._optimizer(model)
-        from transformers import get_scheduler
-
-        scheduler = get_scheduler(
-            config.lr_scheduler,
-            optimizer,
-            num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
-            num_training_steps=total_steps,
-        )
+        scheduler = self._scheduler(optimizer, total_steps)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             # DeepSpeed reads the batch size from prepared dataloaders; this trainer shards its own.
             ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -205,7 +223,8 @@ class ScoreTokenTrainer:
                 if state["batches_done"] >= batches_per_epoch:
                     break
                 failed.extend(batch["failed"])
-                terms = self._train_on_batch(batch, prepared, optimizer, scheduler, gradient_groups)
+                vision_only = state["global_step"] < config.vision_tower_steps
+                terms = self._train_on_batch(batch, prepared, optimizer, scheduler, gradient_groups, vision_only)
                 state["batches_done"] += 1
                 for name, value in terms.items():
                     running.setdefault(name, []).append(value)
@@ -242,17 +261,19 @@ class ScoreTokenTrainer:
             accelerator.end_training()
         return report or {}
 
-    def _train_on_batch(self, batch: dict, prepared, optimizer, scheduler, gradient_groups) -> dict[str, float]:
+    def _train_on_batch(
+        self, batch: dict, prepared, optimizer, scheduler, gradient_groups, vision_only: bool
+    ) -> dict[str, float]:
         """Forward and backward on one micro-batch; an optimizer step when accelerate says the
         accumulated gradients are complete. ``gradient_groups`` (`QScorerForTraining.gradient_groups`)
-        are clipped to ``max_grad_norm`` each. Returns the loss and its terms (unweighted)."""
+        are clipped to ``max_grad_norm`` each; ``vision_only`` runs the vision tower and its probe
+        alone. Returns the loss and its terms (unweighted)."""
         accelerator, config = self.accelerator, self.config
         with accelerator.accumulate(prepared):
             pixels = to_unit_pixels(batch["pixels"], device=accelerator.device)
-            outputs = prepared(pixels, compute_ce=bool(config.loss.ce))
-            loss, terms = training_objective(
-                outputs, batch["mos"].to(accelerator.device), batch["mos_std"].to(accelerator.device), config.loss
-            )
+            outputs = prepared(pixels, compute_ce=bool(config.loss.ce), vision_only=vision_only)
+            mos, mos_std = batch["mos"].to(accelerator.device), batch["mos_std"].to(accelerator.device)
+            loss, terms = training_objective(outputs, mos, mos_std, config.loss, vision_only)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 if config.max_grad_norm and len(gradient_groups) == 1:
@@ -268,6 +289,18 @@ class ScoreTokenTrainer:
         return {name: float(value.detach()) for name, value in {"loss": loss, **terms}.items()}
 
     # ------------------------------------------------------------------ setup
+
+    def _check_vision_tower_phase_is_supported(self) -> None:
+        accelerator = self.accelerator
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError("vision_tower_steps needs a single process or DDP (FSDP and DeepSpeed are not supported)")
+        handler = accelerator.ddp_handler
+        if accelerator.num_processes > 1 and not (handler is not None and handler.find_unused_parameters):
+            raise ValueError(
+                "vision_tower_steps under DDP needs find_unused_parameters (the language model gets no gradients "
+                "while the vision tower trains alone): pass an Accelerator with "
+                "DistributedDataParallelKwargs(find_unused_parameters=True), or let the trainer build it"
+            )
 
     def _load_datasets(self, specs) -> dict[str, list[IQARecord]]:
         """Records per dataset, without the images that are missing or unreadable (reported)."""
@@ -342,22 +375,62 @@ class ScoreTokenTrainer:
         )
 
     def _optimizer(self, model: QScorerForTraining) -> torch.optim.Optimizer:
+        """AdamW with a parameter group per learning rate, weight decay and phase: with
+        ``vision_tower_steps``, ``"vision"`` for `QScorerForTraining.vision_parameters` and
+        ``"language"`` for the rest (language model, score token, head), else ``"all"``."""
         config = self.config
-        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        vision = {id(param) for param in model.vision_parameters()} if config.vision_tower_steps else set()
+        groups: dict[tuple[float, float, str], list[torch.nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
             lr = config.head_learning_rate if name.startswith("scorer.head.") and config.head_learning_rate else None
             decay = config.weight_decay if param.ndim >= 2 else 0.0
-            groups.setdefault((lr or config.learning_rate, decay), []).append(param)
+            phase = "vision" if id(param) in vision else "language" if vision else "all"
+            groups.setdefault((lr or config.learning_rate, decay, phase), []).append(param)
         return torch.optim.AdamW(
-            [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()],
+            [
+                {"params": params, "lr": lr, "weight_decay": decay, "phase": phase}
+                for (lr, decay, phase), params in groups.items()
+            ],
             lr=config.learning_rate,
         )
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """``lr_scheduler`` with a warm-up of ``warmup_ratio`` of the steps, over the whole run; with
+        ``vision_tower_steps`` only the ``"vision"`` groups follow it, and the others stay at 0 for
+        those steps and then follow the same kind of schedule over the steps that remain."""
+        config = self.config
+        from transformers import get_scheduler
+
+        def multiplier(steps: int):
+            # The schedule as a function of the step, read off a scheduler of a stand-in optimizer.
+            stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            schedule = get_scheduler(
+                config.lr_scheduler,
+                stand_in,
+                num_warmup_steps=math.ceil(config.warmup_ratio * steps),
+                num_training_steps=steps,
+            )
+            if not isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
+                raise ValueError(f"lr_scheduler {config.lr_scheduler!r} is not a schedule of the step")
+            return schedule.lr_lambdas[0]
+
+        whole_run = multiplier(total_steps)
+        delay = config.vision_tower_steps
+        after_delay = multiplier(total_steps - delay)
+
+        def delayed(step: int) -> float:
+            return after_delay(step - delay) if step >= delay else 0.0
+
+        lambdas = [delayed if group["phase"] == "language" else whole_run for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
     # ------------------------------------------------------------------ evaluation
 
     def _evaluation_due(self, step: int, end_of_epoch: bool, total_steps: int) -> bool:
+        if step <= self.config.vision_tower_steps:  # the score path has not been trained yet
+            return False
         if step == total_steps:
             return True  # the final report
         if self.config.eval_steps:
@@ -471,9 +544,9 @@ class ScoreTokenTrainer:
     def _load_training_state(self, checkpoint: Path, scheduler) -> dict:
         trainer_state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
         mismatched = {
-            key: (trainer_state.get(key), value)
+            key: (trainer_state.get(key, RESUME_INVARIANTS_SINCE.get(key)), value)
             for key, value in self._invariants().items()
-            if trainer_state.get(key) != value
+            if trainer_state.get(key, RESUME_INVARIANTS_SINCE.get(key)) != value
         }
         if mismatched:
             details = ", ".join(f"{k}: {old} then, {new} now" for k, (old, new) in mismatched.items())
@@ -486,7 +559,7 @@ class ScoreTokenTrainer:
         return {key: trainer_state[key] for key in ("global_step", "epoch", "batches_done", "best_metric", "best_step")}
 
     def _invariants(self) -> dict:
-        values = {name: getattr(self.config, name, None) for name in RESUME_INVARIANTS}
+        values = {name: getattr(self.config, name, None) for name in (*RESUME_INVARIANTS, *RESUME_INVARIANTS_SINCE)}
         values["num_processes"] = self.accelerator.num_processes
         return values
 
@@ -539,7 +612,10 @@ class ScoreTokenTrainer:
         gathered = gather_object([(values, failed)])
         merged = {name: float(np.mean([v[name] for v, _ in gathered])) for name in values}
         self._report_failed("train", [pair for _, part in gathered for pair in part])
-        merged["lr"] = scheduler.get_last_lr()[0]
+        rates = {}  # the first group's of each phase
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            rates.setdefault(group.get("phase", "all"), lr)  # checkpoints before phases have none
+        merged |= {"lr": rates["all"]} if len(rates) == 1 else {f"lr_{phase}": lr for phase, lr in rates.items()}
         record = {"event": "train", "step": step, **merged, "elapsed_s": round(time.monotonic() - started, 1)}
         record["skipped_images"] = len(self._skipped_paths)
         self._log(record)
