@@ -1,6 +1,7 @@
 """The default model's recipe runs end to end: the random base written by `make_tiny_base`, the
 synthetic shards written when the run starts, two steps of ``training/configs/qscorer_tiny.yaml``
-through ``qscorer train``, and a merged checkpoint that loads and scores without the base."""
+(one of its vision-tower phase, one of the rest) through ``qscorer train``, and a merged
+checkpoint that loads and scores without the base."""
 
 import itertools
 from pathlib import Path
@@ -42,7 +43,9 @@ def test_recipe_trains_and_writes_a_loadable_checkpoint(tmp_path):
         spec.synthetic.length, spec.synthetic.size, spec.synthetic.workers = 8, SIZE, 1
     config.min_pixels = config.max_pixels = SIZE * SIZE
     config.per_device_batch_size, config.num_workers = 4, 0
-    config.max_steps, config.eval_steps, config.save_steps = 2, 2, 2
+    # One step of each phase: the vision tower alone, then everything.
+    assert 0 < config.vision_tower_steps < config.max_steps
+    config.vision_tower_steps, config.max_steps, config.eval_steps, config.save_steps = 1, 2, 2, 2
     config_file = tmp_path / "recipe.yaml"
     config.save(config_file)
 
