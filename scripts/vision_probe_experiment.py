@@ -215,6 +215,17 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     order, position = rng.permutation(group_count), 0
     history, started = [], time.monotonic()
+
+    def evaluate_all(step: int) -> dict:
+        """Evaluate on every set, print and record the mean per-type SRCCs; the full results."""
+        results = {name: evaluate(model, rows, images) for name, (rows, images) in sets.items()}
+        entry = {"step": step, "seconds": round(time.monotonic() - started)}
+        entry |= {name: round(result["mean_srcc"], 3) for name, result in results.items()}
+        print(json.dumps(entry), flush=True)
+        history.append(entry)
+        return results
+
+    results = evaluate_all(0) if args.steps == 0 else {}
     for step in range(1, args.steps + 1):
         if position + groups_per_batch > group_count:
             order, position = rng.permutation(group_count), 0
@@ -232,18 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         scheduler.step()
         if step % args.eval_every == 0 or step == args.steps:
-            results = {name: evaluate(model, rows, images) for name, (rows, images) in sets.items()}
-            entry = {"step": step, "seconds": round(time.monotonic() - started)}
-            entry |= {name: round(result["mean_srcc"], 3) for name, result in results.items()}
-            print(json.dumps(entry), flush=True)
-            history.append(entry)
+            results = evaluate_all(step)
             if args.save:
                 args.save.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(model.state_dict(), args.save)
-    if args.steps == 0:
-        results = {name: evaluate(model, rows, images) for name, (rows, images) in sets.items()}
-        history.append({"step": 0} | {name: round(result["mean_srcc"], 3) for name, result in results.items()})
-        print(json.dumps(history[-1]), flush=True)
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "history": history}
     summary["per_type"] = {
         name: {kind: round(entry["srcc"], 3) for kind, entry in result["per_distortion"].items()}

@@ -259,15 +259,18 @@ class TrainingConfig:
             raise ValueError("train_language_model trains the language model's weights whole: set lora to null")
         if self.vision_tower_steps < 0:
             raise ValueError(f"vision_tower_steps must be >= 0, got {self.vision_tower_steps}")
-        if self.vision_tower_steps and not self.loss.vision_probe_only:
-            raise ValueError(
-                "vision_tower_steps trains the vision tower from the vision probe alone: "
-                "set loss.vision_probe > 0 and loss.vision_probe_only: true"
-            )
-        if self.vision_tower_steps and not (self.train_vision_tower or self.train_merger):
-            raise ValueError("vision_tower_steps needs train_vision_tower or train_merger (the vision side it trains)")
-        if self.vision_tower_steps and self.max_steps is not None and self.vision_tower_steps >= self.max_steps:
-            raise ValueError(f"vision_tower_steps {self.vision_tower_steps} must be < max_steps {self.max_steps}")
+        if self.vision_tower_steps:
+            if not self.loss.vision_probe_only:
+                raise ValueError(
+                    "vision_tower_steps trains the vision tower from the vision probe alone: "
+                    "set loss.vision_probe > 0 and loss.vision_probe_only: true"
+                )
+            if not (self.train_vision_tower or self.train_merger):
+                raise ValueError(
+                    "vision_tower_steps needs train_vision_tower or train_merger (the vision side it trains)"
+                )
+            if self.max_steps is not None and self.vision_tower_steps >= self.max_steps:
+                raise ValueError(f"vision_tower_steps {self.vision_tower_steps} must be < max_steps {self.max_steps}")
         if self.learning_rate <= 0 or (self.head_learning_rate is not None and self.head_learning_rate <= 0):
             raise ValueError("learning rates must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -51,11 +51,16 @@ from .sources import load_records
 
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "step-"
-# Settings a resumed run must share with the interrupted one for its data position to mean the same.
-RESUME_INVARIANTS = ("per_device_batch_size", "gradient_accumulation_steps", "seed", "num_processes")
-# Settings whose change would put a resumed step in another phase, with their value in checkpoints
-# written before they existed.
-RESUME_INVARIANTS_SINCE = {"vision_tower_steps": 0}
+# Settings a resumed run must share with the interrupted one for its data position (or, for
+# vision_tower_steps, its phase) to mean the same, each with the value a checkpoint written before
+# the setting existed stands for (None: it was always recorded).
+RESUME_INVARIANTS = {
+    "per_device_batch_size": None,
+    "gradient_accumulation_steps": None,
+    "seed": None,
+    "num_processes": None,
+    "vision_tower_steps": 0,
+}
 
 
 def training_objective(
@@ -418,6 +423,8 @@ class ScoreTokenTrainer:
 
         whole_run = multiplier(total_steps)
         delay = config.vision_tower_steps
+        if not delay:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, whole_run)
         after_delay = multiplier(total_steps - delay)
 
         def delayed(step: int) -> float:
@@ -543,11 +550,8 @@ class ScoreTokenTrainer:
 
     def _load_training_state(self, checkpoint: Path, scheduler) -> dict:
         trainer_state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-        mismatched = {
-            key: (trainer_state.get(key, RESUME_INVARIANTS_SINCE.get(key)), value)
-            for key, value in self._invariants().items()
-            if trainer_state.get(key, RESUME_INVARIANTS_SINCE.get(key)) != value
-        }
+        saved = {key: trainer_state.get(key, default) for key, default in RESUME_INVARIANTS.items()}
+        mismatched = {key: (saved[key], value) for key, value in self._invariants().items() if saved[key] != value}
         if mismatched:
             details = ", ".join(f"{k}: {old} then, {new} now" for k, (old, new) in mismatched.items())
             raise ValueError(
@@ -559,7 +563,7 @@ class ScoreTokenTrainer:
         return {key: trainer_state[key] for key in ("global_step", "epoch", "batches_done", "best_metric", "best_step")}
 
     def _invariants(self) -> dict:
-        values = {name: getattr(self.config, name, None) for name in (*RESUME_INVARIANTS, *RESUME_INVARIANTS_SINCE)}
+        values = {name: getattr(self.config, name, None) for name in RESUME_INVARIANTS}
         values["num_processes"] = self.accelerator.num_processes
         return values
 
