@@ -1,5 +1,6 @@
 """Measure a Q-Scorer on the held-out synthetic distortion set: per-type SRCC between score and
-distortion level, and how often a pristine crop outscores its level-5 versions (docs/default_model.md).
+distortion level, and how often a pristine crop outscores its level-5 versions, with a bootstrap interval
+of the mean SRCC over the crops and the mean SRCC per held-out photo (docs/default_model.md).
 
     python scripts/evaluate_synthetic_quality.py                          # the bundled default model
     python scripts/evaluate_synthetic_quality.py --model CHECKPOINT_DIR --eval-dir runs/synthetic-eval \\
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from qscorer_reward import QScorer
-from qscorer_reward.training.synthetic_evaluation import format_table, score_rows, summarise
+from qscorer_reward.training.synthetic_evaluation import format_table, mean_srcc_interval, score_rows, summarise
 from qscorer_reward.training.synthetic_iqa import (
     MANIFEST_NAME,
     SETTINGS_NAME,
@@ -39,6 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--distortions", help="comma-separated distortion types (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--device", default="cpu", help="torch device for the scorer (default cpu)")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="resamples of the crops for a 95%% interval of the mean SRCC (default 1000; 0: none)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -65,7 +72,10 @@ def evaluate(directory: Path, args: argparse.Namespace) -> dict:
     manifest = prepare_evaluation_set(directory, args)
     scorer = QScorer.from_pretrained(args.model, device=args.device)
     rows = read_manifest(manifest)
-    summary = summarise(rows, score_rows(scorer, rows, args.batch_size))
+    scores = score_rows(scorer, rows, args.batch_size)
+    summary = summarise(rows, scores)
+    if args.bootstrap:
+        summary["mean_srcc_interval"] = mean_srcc_interval(rows, scores, resamples=args.bootstrap)
     summary["model"] = args.model or f"bundled ({scorer.config.model_name})"
     summary["evaluation_set"] = json.loads((directory / SETTINGS_NAME).read_text())
     return summary

@@ -140,6 +140,7 @@ def test_default_model_benchmark_scores_the_bundled_model(runs):
     assert completed.returncode == 0, completed.stderr
     assert results["model"] == "qscorer-tiny" and results["image_side"] == 224
     assert [row["threads"] for row in results["rows"]][0] == 1 and isinstance(results["meets_target"], bool)
+    assert all(row["ms_per_call_with_convolution"] > 0 for row in results["rows"])
     assert "images/s" in completed.stdout
     _assert_positive_and_finite(results)
 

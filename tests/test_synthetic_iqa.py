@@ -11,7 +11,7 @@ import torch
 
 from qscorer_reward.training import content
 from qscorer_reward.training.distortions import DISTORTION_TYPES, LEVELS
-from qscorer_reward.training.synthetic_evaluation import spearman, summarise
+from qscorer_reward.training.synthetic_evaluation import mean_srcc_interval, spearman, summarise
 from qscorer_reward.training.synthetic_iqa import (
     MANIFEST_COLUMNS,
     PRISTINE,
@@ -149,6 +149,30 @@ def test_pooled_srcc_counts_content_differences_and_within_crop_srcc_does_not(ev
     assert summary["pristine_above_level5"] == 1.0
 
 
+def test_mean_srcc_is_also_given_per_held_out_photo(evaluation_set):
+    _, rows = evaluation_set
+    photos = {f"photo:{name}" for name in content.HELD_OUT_PHOTOS}
+    assert summarise(rows, _oracle_scores(rows))["mean_srcc_per_source"] == {photo: 1.0 for photo in photos}
+    # Ranking right on one photo only, reversed on the others.
+    good = sorted(photos)[0]
+    scores = np.array([5.0 - row["level"] * (1 if row["source"] == good else -1) for row in rows])
+    per_source = summarise(rows, scores)["mean_srcc_per_source"]
+    assert per_source[good] == pytest.approx(1.0)
+    assert all(value == pytest.approx(-1.0) for photo, value in per_source.items() if photo != good)
+
+
+def test_bootstrap_interval_of_the_mean_srcc_brackets_it_and_is_seeded(evaluation_set):
+    _, rows = evaluation_set
+    assert mean_srcc_interval(rows, _oracle_scores(rows), resamples=50) == pytest.approx((1.0, 1.0))
+    noisy = _oracle_scores(rows) + np.random.default_rng(0).normal(0.0, 2.0, len(rows))
+    low, high = mean_srcc_interval(rows, noisy, resamples=200)
+    assert low < summarise(rows, noisy)["mean_srcc"] < high
+    assert mean_srcc_interval(rows, noisy, resamples=200) == (low, high)
+    assert mean_srcc_interval(rows, noisy, resamples=200, seed=1) != (low, high)
+    with pytest.raises(ValueError, match="resamples"):
+        mean_srcc_interval(rows, noisy, resamples=0)
+
+
 def test_spearman_is_zero_without_ranking_information():
     assert spearman([1.0, 2.0, 3.0], [2.0, 4.0, 9.0]) == pytest.approx(1.0)
     assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
@@ -172,7 +196,10 @@ def test_evaluation_script_scores_the_bundled_model_end_to_end(tmp_path, capsys)
     assert result["images"] == len(content.HELD_OUT_PHOTOS) * (1 + 3 * len(LEVELS))
     assert -1.0 <= result["mean_srcc"] <= 1.0 and 0.0 <= result["pristine_above_level5"] <= 1.0
     assert result["model"] == "bundled (qscorer-tiny)" and result["evaluation_set"]["size"] == SIZE
-    assert "white_noise" in output and "mean" in output
+    assert "white_noise" in output and "mean" in output and "bootstrap interval" in output
+    low, high = result["mean_srcc_interval"]
+    assert -1.0 <= low <= high <= 1.0
+    assert set(result["mean_srcc_per_source"]) == {f"photo:{name}" for name in content.HELD_OUT_PHOTOS}
 
     # A second run reuses the set; a request with other settings for the same directory is refused.
     manifest_written = (tmp_path / "set" / "manifest.csv").stat().st_mtime_ns

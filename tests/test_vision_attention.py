@@ -1,4 +1,5 @@
-"""The vision towers' packed attention: same results as one SDPA call per segment."""
+"""The vision towers' fast paths: packed attention gives the same results as one SDPA call per
+segment, and the patch embedding as a matrix product the same as its convolution."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qscorer_reward.backbones.qwen_vl import PatchProjection
 from qscorer_reward.backbones.vision_attention import PACKED_SDPA, packed_sdpa_attention, segment_layout
 from qscorer_reward.testing import FAMILIES, tiny_scorer
 
@@ -93,3 +95,27 @@ def test_other_attention_implementations_are_left_alone():
     model.model.visual.config._attn_implementation = "eager"
     scorer = QScorer.from_base_model(model, tokenizer)
     assert scorer.backbone.model.model.visual.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_projection_is_a_matrix_product_equal_to_the_convolution(family):
+    scorer = tiny_scorer(family)
+    projection = scorer.backbone.model.model.visual.patch_embed.proj
+    assert type(projection) is PatchProjection
+    assert set(projection.state_dict()) == ({"weight", "bias"} if projection.bias is not None else {"weight"})
+    projection.double().requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.randn(40, projection.in_channels, *projection.kernel_size, generator=generator, dtype=torch.float64)
+    output = projection(patches)
+    reference = torch.nn.Conv3d.forward(projection, patches)
+    assert output.shape == reference.shape == (40, projection.out_channels, 1, 1, 1)
+    torch.testing.assert_close(output, reference)
+    upstream = torch.randn(output.shape, generator=generator, dtype=torch.float64)
+    weights = list(projection.parameters())
+    fast = torch.autograd.grad((output * upstream).sum(), weights)
+    slow = torch.autograd.grad((reference * upstream).sum(), weights)
+    for fast_grad, slow_grad in zip(fast, slow):
+        torch.testing.assert_close(fast_grad, slow_grad)
+    # Inputs larger than one kernel still convolve.
+    frames = torch.randn(2, projection.in_channels, 4, 28, 28, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(projection(frames), torch.nn.Conv3d.forward(projection, frames))

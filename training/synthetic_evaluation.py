@@ -14,13 +14,19 @@ levels 1..5 with the type's held-out implementations:
 Summary: ``mean_srcc`` (mean of the per-type ``srcc``), ``mean_within_crop_srcc``,
 ``pristine_above_level5`` (pooled over all crop and type pairs) and ``srcc_vs_label`` (Spearman
 correlation between scores and the synthetic MOS labels over all images, which also tests the
-ordering across types). `TARGETS` are the acceptance levels of the bundled default model.
+ordering across types). With a ``source`` column (the evaluation set's photo of each crop),
+``mean_srcc_per_source`` repeats ``mean_srcc`` on each source's crops alone. `TARGETS` are the
+acceptance levels of the bundled default model.
+
+`mean_srcc_interval` gives a bootstrap interval of ``mean_srcc`` over the crops: how much the number
+depends on which crops happened to be drawn (not how much it moves between training runs).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -50,30 +56,20 @@ def summarise(rows: list[dict], scores: np.ndarray) -> dict:
     """The measures described in the module docstring, as a JSON-ready dict:
     ``{"per_distortion": {name: {"srcc", "within_crop_srcc", "pristine_above_level5", "images"}},
     "mean_srcc", "mean_within_crop_srcc", "pristine_above_level5", "srcc_vs_label", "images",
-    "crops", "targets", "meets_targets"}``."""
-    if len(rows) != len(scores):
-        raise ValueError(f"{len(rows)} rows but {len(scores)} scores")
-    pristine_score = {row["group"]: score for row, score in zip(rows, scores) if row["distortion"] == PRISTINE}
-    # by_type[name][crop] = [(level, score), ...], the crop's pristine version first.
-    by_type: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(dict)
-    for row, score in zip(rows, scores):
-        if row["distortion"] == PRISTINE:
-            continue
-        versions = by_type[row["distortion"]].setdefault(row["group"], [(0.0, pristine_score[row["group"]])])
-        versions.append((row["level"], float(score)))
-
+    "crops", "targets", "meets_targets"}``, plus ``"mean_srcc_per_source": {source: mean_srcc}``
+    when the rows carry a ``source``."""
+    by_type = _versions_by_type(rows, scores)
     per_distortion = {}
     pristine_wins = []
     for name, crops in by_type.items():
-        pooled = np.array([version for versions in crops.values() for version in versions])
         wins = [_pristine_beats_level5(versions) for versions in crops.values()]
         wins = [win for win in wins if win is not None]
         pristine_wins += wins
         per_distortion[name] = dict(
-            srcc=spearman(pooled[:, 1], -pooled[:, 0]),
+            srcc=_pooled_srcc(crops.values()),
             within_crop_srcc=float(np.mean([spearman(*_scores_and_quality(versions)) for versions in crops.values()])),
             pristine_above_level5=float(np.mean(wins)) if wins else math.nan,
-            images=len(pooled),
+            images=sum(len(versions) for versions in crops.values()),
         )
     summary = dict(
         per_distortion=per_distortion,
@@ -82,11 +78,63 @@ def summarise(rows: list[dict], scores: np.ndarray) -> dict:
         pristine_above_level5=_mean(pristine_wins),
         srcc_vs_label=spearman(scores, [row["mos"] for row in rows]),
         images=len(rows),
-        crops=len(pristine_score),
+        crops=sum(row["distortion"] == PRISTINE for row in rows),
         targets=TARGETS,
     )
     summary["meets_targets"] = all(summary[key] >= target for key, target in TARGETS.items())
+    source_of_crop = {row["group"]: row["source"] for row in rows if "source" in row}
+    if source_of_crop:
+        summary["mean_srcc_per_source"] = {
+            source: _mean_srcc(by_type, [crop for crop, its_source in source_of_crop.items() if its_source == source])
+            for source in sorted(set(source_of_crop.values()))
+        }
     return summary
+
+
+def mean_srcc_interval(
+    rows: list[dict], scores: np.ndarray, *, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile bootstrap interval of `summarise`'s ``mean_srcc``: the crops are drawn with
+    replacement ``resamples`` times (as many as there are; a crop drawn twice counts twice) and
+    ``mean_srcc`` recomputed on each draw. Seeded, so the same inputs give the same interval."""
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    by_type = _versions_by_type(rows, scores)
+    crops = sorted({crop for crops_of_type in by_type.values() for crop in crops_of_type})
+    rng = np.random.default_rng(seed)
+    draws = (rng.integers(len(crops), size=len(crops)) for _ in range(resamples))
+    means = [_mean_srcc(by_type, [crops[i] for i in draw]) for draw in draws]
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def _versions_by_type(rows: list[dict], scores: np.ndarray) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """``{type: {crop: [(level, score), ...]}}``, each crop's pristine version first (level 0)."""
+    if len(rows) != len(scores):
+        raise ValueError(f"{len(rows)} rows but {len(scores)} scores")
+    pristine_score = {row["group"]: score for row, score in zip(rows, scores) if row["distortion"] == PRISTINE}
+    by_type: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(dict)
+    for row, score in zip(rows, scores):
+        if row["distortion"] == PRISTINE:
+            continue
+        versions = by_type[row["distortion"]].setdefault(row["group"], [(0.0, float(pristine_score[row["group"]]))])
+        versions.append((row["level"], float(score)))
+    return by_type
+
+
+def _pooled_srcc(crops: Iterable[list[tuple[float, float]]]) -> float:
+    """SRCC between scores and negated levels over all versions of the given crops."""
+    pooled = np.array([version for versions in crops for version in versions])
+    return spearman(pooled[:, 1], -pooled[:, 0])
+
+
+def _mean_srcc(by_type: dict[str, dict[str, list[tuple[float, float]]]], crops: list[str]) -> float:
+    """Mean over types of the pooled SRCC on ``crops`` (repeats count); types without them are skipped."""
+    return _mean(
+        _pooled_srcc(versions[crop] for crop in crops if crop in versions)
+        for versions in by_type.values()
+        if any(crop in versions for crop in crops)
+    )
 
 
 def _scores_and_quality(versions: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +165,12 @@ def format_table(summary: dict) -> str:
     lines.append(
         f"SRCC against the synthetic MOS labels, all {summary['images']} images: {summary['srcc_vs_label']:.3f}"
     )
+    if "mean_srcc_interval" in summary:
+        low, high = summary["mean_srcc_interval"]
+        lines.append(f"mean SRCC, 95% bootstrap interval over the {summary['crops']} crops: {low:.3f} .. {high:.3f}")
+    if "mean_srcc_per_source" in summary:
+        per_source = ", ".join(f"{source} {value:.3f}" for source, value in summary["mean_srcc_per_source"].items())
+        lines.append(f"mean SRCC per source: {per_source}")
     targets = ", ".join(f"{key} >= {value}" for key, value in summary["targets"].items())
     lines.append(f"targets ({targets}): {'met' if summary['meets_targets'] else 'not met'}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import QScorerConfig
@@ -62,12 +63,27 @@ def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int, temporal_pa
     return patches.reshape(n * grid_h * grid_w, channels * temporal_patch_size * p * p)
 
 
+class PatchProjection(nn.Conv3d):
+    """The Qwen-VL patch embedding's projection: a ``Conv3d`` whose kernel is one whole patch, so
+    on its input ``[patches, in_channels, temporal_patch_size, patch_size, patch_size]`` it is a
+    matrix product, computed as one (output ``[patches, embed_dim, 1, 1, 1]``). Same parameters
+    and, up to float rounding, the same result as the convolution, at less than half its cost for
+    forward and backward on CPU. Inputs of other shapes go through the convolution.
+    """
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if tuple(patches.shape[2:]) != tuple(self.kernel_size):
+            return super().forward(patches)
+        return F.linear(patches.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None, None]
+
+
 class QwenVLBackbone(Backbone):
     """Qwen-VL models as a Q-Scorer backbone.
 
     A vision tower set to transformers' ``"sdpa"`` attention is switched to `PACKED_SDPA`, the same
     attention with the images' (or windows') segments batched into a few calls instead of one
-    call per segment; other attention implementations are left as they are.
+    call per segment; other attention implementations are left as they are. The patch embedding
+    projection runs as the matrix product it is (`PatchProjection`).
     """
 
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -81,6 +97,9 @@ class QwenVLBackbone(Backbone):
         vision_config = model.model.visual.config
         if vision_config._attn_implementation == "sdpa":
             vision_config._attn_implementation = PACKED_SDPA
+        projection = model.model.visual.patch_embed.proj
+        if type(projection) is nn.Conv3d and projection.stride == projection.kernel_size:
+            projection.__class__ = PatchProjection  # same module, same state dict; faster forward
 
     def prepare(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> BackboneInputs:
         cfg = self.config
