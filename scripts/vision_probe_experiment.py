@@ -37,14 +37,13 @@ from PIL import Image
 from qscorer_reward.backbones.qwen_vl import patchify
 from qscorer_reward.config import QScorerConfig
 from qscorer_reward.preprocessing import normalize
-from qscorer_reward.training.content import TRAIN_PHOTOS, photo_crop, quantise
-from qscorer_reward.training.distortions import DISTORTION_TYPES, LEVELS
+from qscorer_reward.training.content import TRAIN_PHOTOS, photo_crop
+from qscorer_reward.training.distortions import DISTORTION_TYPES
 from qscorer_reward.training.image_ops import to_uint8
 from qscorer_reward.training.losses import fidelity_loss, score_mse_loss
 from qscorer_reward.training.model import VisionProbe
-from qscorer_reward.training.quality_labels import fidelity, mos_label
 from qscorer_reward.training.synthetic_evaluation import summarise
-from qscorer_reward.training.synthetic_iqa import read_manifest
+from qscorer_reward.training.synthetic_iqa import distorted_versions, read_manifest
 
 SCORE_MIDPOINT = 3.0  # of the 1..5 scale, where the probe's output starts
 
@@ -108,14 +107,9 @@ def development_set(cache: Path, crops: int, split: str, size: int, seed: int = 
             group = f"{photo}_{index}"
             rows.append(dict(distortion="pristine", level=0.0, mos=5.0, group=group))
             images.append(to_uint8(pristine))
-            for type_index, (name, distortion) in enumerate(DISTORTION_TYPES.items()):
-                for level in LEVELS:
-                    rng = np.random.default_rng([seed, index, type_index, level])
-                    implementation = distortion.choose_implementation(rng, split)
-                    distorted = quantise(distortion(pristine, level, rng, implementation))
-                    mos = mos_label(level, fidelity(pristine, distorted))
-                    rows.append(dict(distortion=name, level=float(level), mos=mos, group=group))
-                    images.append(to_uint8(distorted))
+            for name, level, _, distorted, mos in distorted_versions(pristine, DISTORTION_TYPES, (seed, index), split):
+                rows.append(dict(distortion=name, level=float(level), mos=mos, group=group))
+                images.append(to_uint8(distorted))
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, np.stack(images))
         meta.write_text(json.dumps(rows))

@@ -119,3 +119,14 @@ def test_patch_projection_is_a_matrix_product_equal_to_the_convolution(family):
     # Inputs larger than one kernel still convolve.
     frames = torch.randn(2, projection.in_channels, 4, 28, 28, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(projection(frames), torch.nn.Conv3d.forward(projection, frames))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(padding=1), dict(dilation=2), dict(groups=3), dict(stride=(1, 7, 7))],
+    ids=["padding", "dilation", "groups", "stride"],
+)
+def test_patch_projection_replaces_only_convolutions_that_are_matrix_products(options):
+    assert PatchProjection.can_replace(torch.nn.Conv3d(3, 6, (2, 14, 14), stride=(2, 14, 14)))
+    arguments = dict(stride=(2, 14, 14)) | options
+    assert not PatchProjection.can_replace(torch.nn.Conv3d(3, 6, (2, 14, 14), **arguments))

@@ -10,8 +10,8 @@ Photos (``skimage.data``, bundled with scikit-image, no download) are split by n
 ``cat`` is the same picture as ``chelsea`` and is therefore not listed separately. The synthetic
 test images of ``skimage.data`` (logo, colorwheel, checkerboard, binary_blobs, horse,
 shepp_logan_phantom) and the tiny ones (lfw_subset, microaneurysms) are not photos and are not used;
-neither are scikit-learn's or matplotlib's sample images. Grey photos are colourised with a smooth
-random chroma field so that colour distortions act on them too.
+neither are scikit-learn's or matplotlib's sample images. Grey photos are colourised (a random colour
+map of their lightness plus a smooth chroma field) so that colour distortions act on them too.
 
 Procedural content: `dead_leaves` (occluding discs with power-law radii, giving the 1/f^2 power
 spectrum and the edge and flat-region statistics of natural images) and `spectral_texture`
@@ -104,11 +104,20 @@ def photo_crop(name: str, size: int, rng: np.random.Generator, max_downscale: fl
 
 
 def colourise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A grey square unit image given colour: its lightness kept, CIELAB a*/b* each a random mean
-    tint (within +-15) plus a smooth random field (1/f^4 noise, std 5..20)."""
+    """A grey square unit image given colour: its lightness kept, CIELAB a*/b* a random colour map of
+    the lightness plus a smooth random field.
+
+    The colour map (a* and b* linear between random colours at 5 evenly spaced lightnesses: a mean
+    tint within +-15 plus per-knot colours of std 8..25) ties colour to structure, as in photos,
+    where objects differ in colour and colour edges follow lightness edges; the field (1/f^4 noise,
+    std 3..12) adds slow colour variation across the frame.
+    """
     lab = color.rgb2lab(image)
+    knots = np.linspace(0.0, 100.0, 5)
     for channel in (1, 2):
-        lab[..., channel] = rng.uniform(-15, 15) + rng.uniform(5, 20) * _power_law_noise(image.shape[0], 4.0, rng)
+        knot_colours = rng.uniform(-15, 15) + rng.normal(0, rng.uniform(8, 25), size=knots.size)
+        field = rng.uniform(3, 12) * _power_law_noise(image.shape[0], 4.0, rng)
+        lab[..., channel] = np.interp(lab[..., 0], knots, knot_colours) + field
     return quantise(lab_to_unit_rgb(lab))
 
 

@@ -182,6 +182,31 @@ def patches_swap_nearby(image: np.ndarray, fraction: float, rng: np.random.Gener
     return result
 
 
+def patches_copy_nearby_soft_rectangles(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Rectangles of random aspect ratio (1:2 to 2:1, each the area of a square patch) blended over
+    by copies of nearby rectangles, their edges faded over a random 0..25% of the shorter side:
+    displaced content without the hard square outline the other training implementations leave."""
+    side, result = _patch_side(image), image.copy()
+    height, width = image.shape[:2]
+    for _ in range(_count_covering(fraction, side, image)):
+        aspect = math.exp(rng.uniform(-math.log(2), math.log(2)))
+        patch_height = min(height, max(2, round(side * math.sqrt(aspect))))
+        patch_width = min(width, max(2, round(side / math.sqrt(aspect))))
+        fade = rng.uniform(0.0, 0.25) * min(patch_height, patch_width)
+        # Opacity: 1 inside, falling linearly to ~0 over `fade` pixels at each edge.
+        distance_y = np.minimum(np.arange(patch_height), np.arange(patch_height)[::-1]) + 0.5
+        distance_x = np.minimum(np.arange(patch_width), np.arange(patch_width)[::-1]) + 0.5
+        alpha = np.clip(np.minimum.outer(distance_y, distance_x) / max(fade, 1e-6), 0.0, 1.0)[..., None]
+        top, left = int(rng.integers(0, height - patch_height + 1)), int(rng.integers(0, width - patch_width + 1))
+        reach = 3 * side
+        source_top = int(np.clip(top + rng.integers(-reach, reach + 1), 0, height - patch_height))
+        source_left = int(np.clip(left + rng.integers(-reach, reach + 1), 0, width - patch_width))
+        source = image[source_top : source_top + patch_height, source_left : source_left + patch_width]
+        target = result[top : top + patch_height, left : left + patch_width]
+        result[top : top + patch_height, left : left + patch_width] = alpha * source + (1 - alpha) * target
+    return clip_unit(result)
+
+
 def patches_copy_nearby_discs(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Disc-shaped patches with feathered edges blended over by copies of nearby discs."""
     side, result = _patch_side(image), image.copy()

@@ -300,7 +300,7 @@ _TYPES = (
         "spatial",
         "displaced fraction of the image area",
         (0.03, 0.075, 0.15, 0.3, 0.6),
-        (spatial.patches_copy_nearby, spatial.patches_swap_nearby),
+        (spatial.patches_copy_nearby, spatial.patches_swap_nearby, spatial.patches_copy_nearby_soft_rectangles),
         (spatial.patches_copy_nearby_discs,),
     ),
     DistortionType(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +167,6 @@ def write_evaluation_set(
         raise ValueError(f"need crops_per_photo >= 1 and size >= {MIN_SIDE}, got {crops_per_photo} and {size}")
     directory = Path(directory)
     names = _checked_distortion_names(distortions)
-    all_names = list(DISTORTION_TYPES)
     rows = []
     for photo_index, photo in enumerate(HELD_OUT_PHOTOS):
         for crop_index in range(crops_per_photo):
@@ -178,17 +177,12 @@ def write_evaluation_set(
             _save_png(directory / crop / f"{PRISTINE}.png", pristine)
             pristine_fields = dict(distortion=PRISTINE, level=0, implementation="none")
             rows.append(dict(image=f"{crop}/{PRISTINE}.png", mos=5.0, **pristine_fields, **common))
-            for name in names:
-                distortion = DISTORTION_TYPES[name]
-                for level in LEVELS:
-                    rng = np.random.default_rng([seed, photo_index, crop_index, all_names.index(name), level])
-                    implementation = distortion.choose_implementation(rng, "held_out")
-                    distorted = quantise(distortion(pristine, level, rng, implementation))
-                    image = f"{crop}/{name}_{level}.png"
-                    _save_png(directory / image, distorted)
-                    mos = round(mos_label(level, fidelity(pristine, distorted)), 4)
-                    fields = dict(distortion=name, level=level, implementation=implementation)
-                    rows.append(dict(image=image, mos=mos, **fields, **common))
+            versions = distorted_versions(pristine, names, (seed, photo_index, crop_index), "held_out")
+            for name, level, implementation, distorted, mos in versions:
+                image = f"{crop}/{name}_{level}.png"
+                _save_png(directory / image, distorted)
+                fields = dict(distortion=name, level=level, implementation=implementation)
+                rows.append(dict(image=image, mos=round(mos, 4), **fields, **common))
     settings = evaluation_settings(crops_per_photo=crops_per_photo, size=size, seed=seed, distortions=names)
     (directory / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
     manifest = directory / MANIFEST_NAME
@@ -197,6 +191,26 @@ def write_evaluation_set(
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def distorted_versions(
+    pristine: np.ndarray, names: Sequence[str], seed: Sequence[int], split: str
+) -> Iterator[tuple[str, int, str, np.ndarray, float]]:
+    """Every type of ``names`` at every integer level applied to one pristine unit image with a
+    ``split`` implementation, as ``(type, level, implementation, distorted unit image, label)``.
+
+    Each version's implementation and randomness come from ``default_rng([*seed, t, level])``, ``t``
+    the type's index in `DISTORTION_TYPES`, so a version does not depend on which other types are
+    asked for.
+    """
+    all_names = list(DISTORTION_TYPES)
+    for name in names:
+        distortion = DISTORTION_TYPES[name]
+        for level in LEVELS:
+            rng = np.random.default_rng([*seed, all_names.index(name), level])
+            implementation = distortion.choose_implementation(rng, split)
+            distorted = quantise(distortion(pristine, level, rng, implementation))
+            yield name, level, implementation, distorted, mos_label(level, fidelity(pristine, distorted))
 
 
 def evaluation_settings(*, crops_per_photo: int, size: int, seed: int, distortions: Sequence[str] | None) -> dict:

@@ -71,6 +71,18 @@ class PatchProjection(nn.Conv3d):
     forward and backward on CPU. Inputs of other shapes go through the convolution.
     """
 
+    @staticmethod
+    def can_replace(convolution: nn.Module) -> bool:
+        """Whether ``convolution`` is a plain ``Conv3d`` that, on one-patch inputs, is a matrix
+        product: stride = kernel, no padding, no dilation, one group."""
+        return (
+            type(convolution) is nn.Conv3d
+            and convolution.stride == convolution.kernel_size
+            and convolution.padding == (0, 0, 0)
+            and convolution.dilation == (1, 1, 1)
+            and convolution.groups == 1
+        )
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         if tuple(patches.shape[2:]) != tuple(self.kernel_size):
             return super().forward(patches)
@@ -98,7 +110,7 @@ class QwenVLBackbone(Backbone):
         if vision_config._attn_implementation == "sdpa":
             vision_config._attn_implementation = PACKED_SDPA
         projection = model.model.visual.patch_embed.proj
-        if type(projection) is nn.Conv3d and projection.stride == projection.kernel_size:
+        if PatchProjection.can_replace(projection):
             projection.__class__ = PatchProjection  # same module, same state dict; faster forward
 
     def prepare(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> BackboneInputs:
