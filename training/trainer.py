@@ -62,6 +62,9 @@ RESUME_INVARIANTS = {
     "vision_tower_steps": 0,
 }
 
+# Distributed types whose wrapped model holds flattened or partitioned parameters.
+SHARDED_PARAMETERS = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
 
 def training_objective(
     outputs: dict[str, torch.Tensor],
@@ -198,8 +201,7 @@ class ScoreTokenTrainer:
             accelerator.init_trackers("qscorer-score-token-training", config=_flat(config.to_dict()))
 
         gradient_groups = model.gradient_groups()
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            # Their wrapped models hold flattened or partitioned parameters: clip them as one.
+        if accelerator.distributed_type in SHARDED_PARAMETERS:  # clip their parameters as one
             gradient_groups = [[p for p in prepared.parameters() if p.requires_grad]]
         batches_per_epoch = steps_per_epoch * config.gradient_accumulation_steps
         progress = self._progress_bar(total_steps, state["global_step"])
@@ -297,7 +299,7 @@ class ScoreTokenTrainer:
 
     def _check_vision_tower_phase_is_supported(self) -> None:
         accelerator = self.accelerator
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if accelerator.distributed_type in SHARDED_PARAMETERS:
             raise ValueError("vision_tower_steps needs a single process or DDP (FSDP and DeepSpeed are not supported)")
         handler = accelerator.ddp_handler
         if accelerator.num_processes > 1 and not (handler is not None and handler.find_unused_parameters):
