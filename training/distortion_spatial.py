@@ -148,6 +148,16 @@ def _nearby_position(top: int, left: int, side: int, image: np.ndarray, rng: np.
     )
 
 
+def _rectangle_shape(side: int, image: np.ndarray, rng: np.random.Generator, smallest: int) -> tuple[int, int]:
+    """(height, width) of a rectangle with the area of a ``side`` x ``side`` square and a random
+    aspect ratio between 1:2 and 2:1, each at least ``smallest`` and at most the image's."""
+    aspect = math.exp(rng.uniform(-math.log(2), math.log(2)))
+    return (
+        min(image.shape[0], max(smallest, round(side * math.sqrt(aspect)))),
+        min(image.shape[1], max(smallest, round(side / math.sqrt(aspect)))),
+    )
+
+
 def _window(top: int, left: int, side: int) -> tuple[slice, slice]:
     return slice(top, top + side), slice(left, left + side)
 
@@ -189,9 +199,7 @@ def patches_copy_nearby_soft_rectangles(image: np.ndarray, fraction: float, rng:
     side, result = _patch_side(image), image.copy()
     height, width = image.shape[:2]
     for _ in range(_count_covering(fraction, side, image)):
-        aspect = math.exp(rng.uniform(-math.log(2), math.log(2)))
-        patch_height = min(height, max(2, round(side * math.sqrt(aspect))))
-        patch_width = min(width, max(2, round(side / math.sqrt(aspect))))
+        patch_height, patch_width = _rectangle_shape(side, image, rng, smallest=2)
         fade = rng.uniform(0.0, 0.25) * min(patch_height, patch_width)
         # Opacity: 1 inside, falling linearly to ~0 over `fade` pixels at each edge.
         distance_y = np.minimum(np.arange(patch_height), np.arange(patch_height)[::-1]) + 0.5
@@ -246,9 +254,7 @@ def colour_blocks_rectangles(image: np.ndarray, fraction: float, rng: np.random.
     side, result = _block_side(image), image.copy()
     height, width = image.shape[:2]
     for _ in range(_count_covering(fraction, side, image)):
-        aspect = math.exp(rng.uniform(-math.log(2), math.log(2)))
-        block_height = min(height, max(1, round(side * math.sqrt(aspect))))
-        block_width = min(width, max(1, round(side / math.sqrt(aspect))))
+        block_height, block_width = _rectangle_shape(side, image, rng, smallest=1)
         top, left = int(rng.integers(0, height - block_height + 1)), int(rng.integers(0, width - block_width + 1))
         result[top : top + block_height, left : left + block_width] = rng.random(3)
     return result
