@@ -3,6 +3,7 @@ synthetic shards written when the run starts, two steps of ``training/configs/qs
 (one of its vision-tower phase, one of the rest) through ``qscorer train``, and a merged
 checkpoint that loads and scores without the base."""
 
+import csv
 import itertools
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import torch
 
 from qscorer_reward import QScorer
 from qscorer_reward.cli import main
+from qscorer_reward.preprocessing import load_image
 from qscorer_reward.training.config import DatasetConfig, TrainingConfig
 from qscorer_reward.training.make_tiny_base import write_tiny_base
+from qscorer_reward.training.synthetic_iqa import SyntheticIQADataset
 from qscorer_reward.training.synthetic_shard import SyntheticSettings, ensure_synthetic_shard
 
 RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "qscorer_tiny.yaml"
@@ -53,7 +56,7 @@ def test_recipe_trains_and_writes_a_loadable_checkpoint(tmp_path):
 
     run = tmp_path / "run"
     assert (run / "eval_report.json").is_file()
-    assert len(list((tmp_path / "data" / "synthetic-train").rglob("*.png"))) == 8
+    assert len(list((tmp_path / "data" / "synthetic-train").rglob("*.bmp"))) == 8
     scorer = QScorer.from_pretrained(run / "final-merged")
     assert scorer.config.model_name == "qscorer-tiny"
     scores = scorer(torch.rand(2, 3, SIZE, SIZE))
@@ -83,6 +86,11 @@ def test_a_shard_is_reused_and_one_of_other_settings_refused(tmp_path):
     manifest = ensure_synthetic_shard(tmp_path / "shard", settings)
     written = manifest.read_text()
     assert len(written.splitlines()) == 4
+    # The files hold exactly the dataset's samples (a lossless format).
+    rows = list(csv.DictReader(manifest.open()))
+    dataset = SyntheticIQADataset(3, seed=5, size=32)
+    for index, row in enumerate(rows):
+        assert torch.equal(load_image(manifest.parent / row["image"]), dataset[index]["image"])
     assert ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=3, seed=5, size=32)) == manifest
     assert manifest.read_text() == written
     with pytest.raises(ValueError, match="other settings"):
@@ -90,8 +98,6 @@ def test_a_shard_is_reused_and_one_of_other_settings_refused(tmp_path):
 
 
 def test_a_grouped_shard_keeps_each_group_in_one_content(tmp_path):
-    import csv
-
     manifest = ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=8, size=32, group_size=4, workers=2))
     rows = list(csv.DictReader(manifest.open()))
     assert [row["distortion"] == "pristine" for row in rows] == [True, False, False, False] * 2
