@@ -138,13 +138,15 @@ def _patch_side(image: np.ndarray) -> int:
     return max(4, round(min(image.shape[:2]) / 14))
 
 
-def _nearby_position(top: int, left: int, side: int, image: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
-    """A random patch position within three patch sides of (top, left), inside the image."""
-    reach = 3 * side
-    height, width = image.shape[:2]
+def _nearby_position(
+    top: int, left: int, shape: tuple[int, int], image: np.ndarray, rng: np.random.Generator
+) -> tuple[int, int]:
+    """A random position of a ``shape`` = (height, width) patch within three patch sides
+    (`_patch_side`) of (top, left), the patch inside the image."""
+    reach = 3 * _patch_side(image)
     return (
-        int(np.clip(top + rng.integers(-reach, reach + 1), 0, height - side)),
-        int(np.clip(left + rng.integers(-reach, reach + 1), 0, width - side)),
+        int(np.clip(top + rng.integers(-reach, reach + 1), 0, image.shape[0] - shape[0])),
+        int(np.clip(left + rng.integers(-reach, reach + 1), 0, image.shape[1] - shape[1])),
     )
 
 
@@ -158,37 +160,47 @@ def _rectangle_shape(side: int, image: np.ndarray, rng: np.random.Generator, sma
     )
 
 
-def _window(top: int, left: int, side: int) -> tuple[slice, slice]:
-    return slice(top, top + side), slice(left, left + side)
+def _window(top: int, left: int, shape: tuple[int, int]) -> tuple[slice, slice]:
+    return slice(top, top + shape[0]), slice(left, left + shape[1])
 
 
-def _random_position(side: int, image: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
-    return int(rng.integers(0, image.shape[0] - side + 1)), int(rng.integers(0, image.shape[1] - side + 1))
+def _random_position(shape: tuple[int, int], image: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    """A random position of a ``shape`` = (height, width) rectangle inside the image."""
+    return int(rng.integers(0, image.shape[0] - shape[0] + 1)), int(rng.integers(0, image.shape[1] - shape[1] + 1))
+
+
+def _blend_nearby_copy(
+    image: np.ndarray, result: np.ndarray, shape: tuple[int, int], alpha: np.ndarray, rng: np.random.Generator
+) -> None:
+    """Blend a ``shape`` patch of ``image`` over a random nearby place of ``result`` (in place), with
+    opacity ``alpha`` ``[height, width, 1]``."""
+    top, left = _random_position(shape, image, rng)
+    source_top, source_left = _nearby_position(top, left, shape, image, rng)
+    target = _window(top, left, shape)
+    result[target] = alpha * image[_window(source_top, source_left, shape)] + (1 - alpha) * result[target]
 
 
 def patches_copy_nearby(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Square patches overwritten by copies of nearby squares."""
     side, result = _patch_side(image), image.copy()
+    square = (side, side)
     for _ in range(_count_covering(fraction, side, image)):
-        top, left = _random_position(side, image, rng)
-        source_top, source_left = _nearby_position(top, left, side, image, rng)
-        result[top : top + side, left : left + side] = image[
-            source_top : source_top + side, source_left : source_left + side
-        ]
+        top, left = _random_position(square, image, rng)
+        source_top, source_left = _nearby_position(top, left, square, image, rng)
+        result[_window(top, left, square)] = image[_window(source_top, source_left, square)]
     return result
 
 
 def patches_swap_nearby(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Pairs of nearby square patches exchanged (each pair counts as two patches)."""
     side, result = _patch_side(image), image.copy()
+    square = (side, side)
     for _ in range(max(1, _count_covering(fraction, side, image) // 2)):
-        top, left = _random_position(side, image, rng)
-        other_top, other_left = _nearby_position(top, left, side, image, rng)
-        first = result[top : top + side, left : left + side].copy()
-        result[top : top + side, left : left + side] = result[
-            other_top : other_top + side, other_left : other_left + side
-        ]
-        result[other_top : other_top + side, other_left : other_left + side] = first
+        top, left = _random_position(square, image, rng)
+        other_top, other_left = _nearby_position(top, left, square, image, rng)
+        first = result[_window(top, left, square)].copy()
+        result[_window(top, left, square)] = result[_window(other_top, other_left, square)]
+        result[_window(other_top, other_left, square)] = first
     return result
 
 
@@ -197,21 +209,13 @@ def patches_copy_nearby_soft_rectangles(image: np.ndarray, fraction: float, rng:
     by copies of nearby rectangles, their edges faded over a random 0..25% of the shorter side:
     displaced content without the hard square outline the other training implementations leave."""
     side, result = _patch_side(image), image.copy()
-    height, width = image.shape[:2]
     for _ in range(_count_covering(fraction, side, image)):
-        patch_height, patch_width = _rectangle_shape(side, image, rng, smallest=2)
-        fade = rng.uniform(0.0, 0.25) * min(patch_height, patch_width)
+        shape = _rectangle_shape(side, image, rng, smallest=2)
+        fade = rng.uniform(0.0, 0.25) * min(shape)
         # Opacity: 1 inside, falling linearly to ~0 over `fade` pixels at each edge.
-        distance_y = np.minimum(np.arange(patch_height), np.arange(patch_height)[::-1]) + 0.5
-        distance_x = np.minimum(np.arange(patch_width), np.arange(patch_width)[::-1]) + 0.5
+        distance_y, distance_x = (np.minimum(np.arange(length), np.arange(length)[::-1]) + 0.5 for length in shape)
         alpha = np.clip(np.minimum.outer(distance_y, distance_x) / max(fade, 1e-6), 0.0, 1.0)[..., None]
-        top, left = int(rng.integers(0, height - patch_height + 1)), int(rng.integers(0, width - patch_width + 1))
-        reach = 3 * side
-        source_top = int(np.clip(top + rng.integers(-reach, reach + 1), 0, height - patch_height))
-        source_left = int(np.clip(left + rng.integers(-reach, reach + 1), 0, width - patch_width))
-        source = image[source_top : source_top + patch_height, source_left : source_left + patch_width]
-        target = result[top : top + patch_height, left : left + patch_width]
-        result[top : top + patch_height, left : left + patch_width] = alpha * source + (1 - alpha) * target
+        _blend_nearby_copy(image, result, shape, alpha, rng)
     return clip_unit(result)
 
 
@@ -224,11 +228,7 @@ def patches_copy_nearby_discs(image: np.ndarray, fraction: float, rng: np.random
     # Opaque inside 0.35 side, fading to transparent at 0.5 side.
     alpha = np.clip((0.5 * side - radius) / (0.15 * side), 0.0, 1.0)[..., None]
     for _ in range(_count_covering(fraction, side, image)):
-        top, left = _random_position(side, image, rng)
-        source_top, source_left = _nearby_position(top, left, side, image, rng)
-        source = image[_window(source_top, source_left, side)]
-        target = result[_window(top, left, side)]
-        result[_window(top, left, side)] = alpha * source + (1 - alpha) * target
+        _blend_nearby_copy(image, result, (side, side), alpha, rng)
     return clip_unit(result)
 
 
@@ -243,20 +243,20 @@ def _block_side(image: np.ndarray) -> int:
 def colour_blocks_squares(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Solid squares of random colours at random places."""
     side, result = _block_side(image), image.copy()
+    square = (side, side)
     for _ in range(_count_covering(fraction, side, image)):
-        top, left = _random_position(side, image, rng)
-        result[_window(top, left, side)] = rng.random(3)
+        top, left = _random_position(square, image, rng)
+        result[_window(top, left, square)] = rng.random(3)
     return result
 
 
 def colour_blocks_rectangles(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Solid rectangles of random colours and aspect ratios (1:2 to 2:1), each the area of a square block."""
     side, result = _block_side(image), image.copy()
-    height, width = image.shape[:2]
     for _ in range(_count_covering(fraction, side, image)):
-        block_height, block_width = _rectangle_shape(side, image, rng, smallest=1)
-        top, left = int(rng.integers(0, height - block_height + 1)), int(rng.integers(0, width - block_width + 1))
-        result[top : top + block_height, left : left + block_width] = rng.random(3)
+        shape = _rectangle_shape(side, image, rng, smallest=1)
+        top, left = _random_position(shape, image, rng)
+        result[_window(top, left, shape)] = rng.random(3)
     return result
 
 
