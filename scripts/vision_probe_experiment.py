@@ -7,19 +7,21 @@ way to try tower-side changes (shape, initialisation, data, schedule) before a f
     python scripts/vision_probe_experiment.py --base runs/qscorer-tiny/base \\
         --shard runs/qscorer-tiny/data/train --eval-dir runs/synthetic-eval --steps 1200
 
-Training: batches of whole groups of the (grouped) synthetic shard, horizontal flips, AdamW with a
-linear warm-up and cosine decay, the probe's MSE (and optionally the fidelity loss), gradient norm
-clipped at 1, as in the recipe. Every ``--eval-every`` steps and at the end it prints the mean
-per-type SRCC (`synthetic_evaluation.summarise`) on three sets: new crops of the training photos
-with the training implementations and with the held-out ones (written to ``--cache-dir`` on first
-use), and the held-out evaluation set in ``--eval-dir`` (`scripts/evaluate_synthetic_quality.py`
-writes it). The shard and the sets are decoded once into ``.npy`` files in ``--cache-dir``.
+Training: batches of whole groups of the (grouped) synthetic shard, horizontal flips, AdamW (or
+Muon) with a linear warm-up and cosine decay, the probe's MSE (and optionally the fidelity loss),
+gradient norm clipped at 1, as in the recipe. Every ``--eval-every`` steps and at the end it
+prints the mean per-type SRCC (`synthetic_evaluation.summarise`) on three sets: new crops of the
+training photos with the training implementations and with the held-out ones (written to
+``--cache-dir`` on first use), and the held-out evaluation set in ``--eval-dir``
+(`scripts/evaluate_synthetic_quality.py` writes it). The shard and the sets are decoded once into
+``.npy`` files in ``--cache-dir``.
 
 ``--augment dihedral`` also turns images by multiples of 90 degrees and ``--permute-channels``
-reorders their RGB channels (content variety at no data cost). ``--save`` writes the tower and
-probe at every evaluation, ``--load`` starts from such a file, and ``--steps 0 --load FILE`` only
-evaluates it (e.g. towers trained elsewhere with ``--device cuda``); ``--dev-crops 0`` skips the
-development sets.
+reorders their RGB channels (content variety at no data cost); ``--optimizer muon`` trains with
+Muon as the trainer's ``optimizer: muon`` does. ``--save`` writes the tower and probe at every
+evaluation, ``--load`` starts from such a file, and ``--steps 0 --load FILE`` only evaluates it
+(e.g. towers trained elsewhere with ``--device cuda``); ``--dev-crops 0`` skips the development
+sets.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from qscorer_reward.training.distortions import DISTORTION_TYPES
 from qscorer_reward.training.image_ops import to_uint8
 from qscorer_reward.training.losses import fidelity_loss, score_mse_loss
 from qscorer_reward.training.model import VisionProbe
+from qscorer_reward.training.optimizers import MuonWithAdamW, muon_parameter_names
 from qscorer_reward.training.synthetic_evaluation import summarise
 from qscorer_reward.training.synthetic_iqa import distorted_versions, read_manifest
 
@@ -72,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "multiples of 90 degrees",
     )
     parser.add_argument("--permute-channels", action="store_true", help="shuffle the RGB channels of each image")
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "muon"),
+        default="adamw",
+        help="muon: Muon for the hidden weight matrices, AdamW for the rest (the trainer's `optimizer: muon`)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--load", type=Path, help="start from this saved tower and probe (--save's file)")
     parser.add_argument("--save", type=Path, help="save the tower and probe here at every evaluation and the end")
@@ -174,6 +183,20 @@ def evaluate(model: TowerWithProbe, rows: list[dict], images: np.ndarray, batch:
     return summarise(rows, scores.double().cpu().numpy())
 
 
+def make_optimizer(model: TowerWithProbe, kind: str, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW for everything, or `MuonWithAdamW` with Muon for the hidden weight matrices (the
+    blocks', the merger's and the probe's first layer) as the trainer's ``optimizer: muon``."""
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    muon = muon_parameter_names(model)
+    parameters = dict(model.named_parameters())
+    groups = [
+        {"params": [p for name, p in parameters.items() if name in muon], "muon": True},
+        {"params": [p for name, p in parameters.items() if name not in muon]},
+    ]
+    return MuonWithAdamW(groups, lr=learning_rate)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -193,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.load:
         model.load_state_dict(torch.load(args.load, map_location="cpu"))
     model.to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    optimizer = make_optimizer(model, args.optimizer, args.learning_rate)
 
     def schedule(step: int) -> float:
         if step < args.warmup_steps:

@@ -127,7 +127,7 @@ def test_the_vision_probe_experiment_trains_the_base_tower_and_measures_each_gap
               "--batch-size", "8", "--dev-crops", "1"]  # fmt: skip
     summary = experiment.main(
         [*common, "--steps", "2", "--eval-every", "1", "--augment", "dihedral", "--permute-channels",
-         "--save", str(tmp_path / "tower.pt"), "--json", str(tmp_path / "r.json")]
+         "--optimizer", "muon", "--save", str(tmp_path / "tower.pt"), "--json", str(tmp_path / "r.json")]
     )  # fmt: skip
 
     assert [entry["step"] for entry in summary["history"]] == [1, 2]

@@ -49,6 +49,7 @@ def test_defaults_are_the_released_recipe():
         ({"train_datasets": []}, "at least one dataset"),
         ({"dtype": "float8"}, "dtype must be one of"),
         ({"metric_for_best": "accuracy"}, "metric_for_best must be one of"),
+        ({"optimizer": "sgd"}, "optimizer must be one of"),
         ({"best_dataset": "nope"}, "best_dataset 'nope' is not among the eval_datasets"),
         ({"answer_text": "Score:"}, "must end with answer_text"),
         ({"per_device_batch_size": 0}, "per_device_batch_size must be >= 1"),

@@ -23,6 +23,7 @@ from qscorer_reward.cli import main
 from qscorer_reward.testing import tiny_backbone_config, tiny_base_model, tiny_tokenizer
 from qscorer_reward.training.config import AugmentSettings, DatasetConfig, LoraSettings, LossWeights, TrainingConfig
 from qscorer_reward.training.datasets import read_manifest, write_manifest
+from qscorer_reward.training.optimizers import MuonWithAdamW
 from qscorer_reward.training.synthetic import make_synthetic_dataset
 from qscorer_reward.training.trainer import ScoreTokenTrainer
 
@@ -494,15 +495,50 @@ def test_vision_tower_steps_train_the_vision_side_alone_then_everything(tiny_bas
     assert {"lr_vision", "lr_language"} <= records[0].keys()
 
 
+def test_muon_updates_the_hidden_matrices_and_adamw_the_rest(tiny_base, small_data, tmp_path, monkeypatch):
+    steps = []  # per optimizer step: {parameter id: (Muon?, phase, lr)} of the parameters with gradients
+    muon_step = MuonWithAdamW.step
+
+    def record(optimizer, *args, **kwargs):
+        steps.append({id(p): (group["muon"], group["phase"], group["lr"])
+                      for group in optimizer.param_groups for p in group["params"] if p.grad is not None})  # fmt: skip
+        return muon_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(MuonWithAdamW, "step", record)
+    trainer = ScoreTokenTrainer(tower_first_config(tiny_base, small_data, tmp_path / "out", optimizer="muon",
+                                                   save_steps=None))  # fmt: skip
+    trainer.train(resume=None)
+
+    parameters = dict(trainer.prepared.named_parameters())
+    updates = {name: steps[-1][id(param)] for name, param in parameters.items() if id(param) in steps[-1]}
+    by_muon = {name for name, (is_muon, _, _) in updates.items() if is_muon}
+    assert by_muon == {name for name in updates if name.endswith(".weight") and parameters[name].ndim == 2
+                       and min(parameters[name].shape) > 1 and not name.startswith("score_token_rows.")}  # fmt: skip
+    assert any(".visual.blocks.0.attn.qkv." in name for name in by_muon)
+    assert any(".language_model.layers.0.mlp." in name for name in by_muon)
+    for name in ("scorer.head.mlp.4.weight", "score_token_rows.input_rows", "vision_probe.layers.2.weight"):
+        assert name in updates and name not in by_muon
+    assert any("patch_embed" in name for name in updates.keys() - by_muon)
+    # The phases hold for both rules: the tower steps update the vision side alone.
+    vision = {id(param) for name, param in parameters.items() if is_vision_side(name)}
+    assert all(steps[i].keys() <= vision for i in range(3))
+    assert {(is_muon, phase) for is_muon, phase, lr in steps[-1].values() if lr > 0} == {
+        (True, "vision"),
+        (False, "vision"),
+        (True, "language"),
+        (False, "language"),
+    }
+
+
 @pytest.mark.parametrize(
-    ("vision_tower_steps", "resumed_at"),
-    [(3, 2), (3, 4), (4, 4)],
-    ids=["inside-the-tower-phase", "after-the-switch", "at-the-switch"],
+    ("vision_tower_steps", "resumed_at", "optimizer"),
+    [(3, 2, "adamw"), (3, 4, "adamw"), (4, 4, "adamw"), (3, 4, "muon")],
+    ids=["inside-the-tower-phase", "after-the-switch", "at-the-switch", "muon-after-the-switch"],
 )
 def test_a_phased_run_resumed_anywhere_ends_as_the_uninterrupted_one(
-    tiny_base, small_data, tmp_path, vision_tower_steps, resumed_at
+    tiny_base, small_data, tmp_path, vision_tower_steps, resumed_at, optimizer
 ):
-    settings = dict(vision_tower_steps=vision_tower_steps, save_steps=2)
+    settings = dict(vision_tower_steps=vision_tower_steps, save_steps=2, optimizer=optimizer)
     uninterrupted = tower_first_config(tiny_base, small_data, tmp_path / "uninterrupted", save_total_limit=None,
                                        **settings)  # fmt: skip
     ScoreTokenTrainer(uninterrupted).train(resume=None)

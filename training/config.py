@@ -24,6 +24,7 @@ SYNTHETIC_FORMAT = "synthetic_iqa"
 DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 METRICS = ("srcc", "plcc", "krcc", "rmse")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -159,9 +160,11 @@ class TrainingConfig:
     score token and head train from then on, with their own warm-up and schedule over the
     remaining steps, while the vision side's schedule spans the whole run. Single process or DDP.
 
-    Optimisation: AdamW, ``lr_scheduler`` (a transformers schedule name) with linear warmup over
-    ``warmup_ratio`` of the steps, ``num_epochs`` epochs unless ``max_steps`` is set; a step is
-    ``per_device_batch_size x gradient_accumulation_steps x processes`` images.
+    Optimisation: ``optimizer`` (``"adamw"``, or ``"muon"``: `MuonWithAdamW`, Muon for the hidden
+    weight matrices and AdamW for the rest, at the same learning rates), ``lr_scheduler`` (a
+    transformers schedule name) with linear warmup over ``warmup_ratio`` of the steps,
+    ``num_epochs`` epochs unless ``max_steps`` is set; a step is ``per_device_batch_size x
+    gradient_accumulation_steps x processes`` images.
     ``mixed_precision`` (``no`` / ``bf16`` / ``fp16``): ``None`` takes ``accelerate launch``'s.
 
     Evaluation every ``eval_steps`` optimizer steps (``None``: at each epoch's end) on
@@ -197,6 +200,7 @@ class TrainingConfig:
     max_steps: int | None = None
     per_device_batch_size: int = 16
     gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw"
     learning_rate: float = 2e-5
     head_learning_rate: float | None = None
     weight_decay: float = 0.0
@@ -271,6 +275,8 @@ class TrainingConfig:
                 )
             if self.max_steps is not None and self.vision_tower_steps >= self.max_steps:
                 raise ValueError(f"vision_tower_steps {self.vision_tower_steps} must be < max_steps {self.max_steps}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.learning_rate <= 0 or (self.head_learning_rate is not None and self.head_learning_rate <= 0):
             raise ValueError("learning rates must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -47,6 +47,7 @@ from .evaluation import dataset_metrics, format_table, predict, write_report
 from .export import save_merged, save_trained_parts
 from .losses import fidelity_loss, margin_ranking_loss, plcc_loss, score_mse_loss
 from .model import QScorerForTraining, TrainableParts, answer_token_count
+from .optimizers import MuonWithAdamW, muon_parameter_names
 from .sources import load_records
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -60,6 +61,7 @@ RESUME_INVARIANTS = {
     "seed": None,
     "num_processes": None,
     "vision_tower_steps": 0,
+    "optimizer": "adamw",
 }
 
 # Distributed types whose wrapped model holds flattened or partitioned parameters.
@@ -382,26 +384,27 @@ class ScoreTokenTrainer:
         )
 
     def _optimizer(self, model: QScorerForTraining) -> torch.optim.Optimizer:
-        """AdamW with a parameter group per learning rate, weight decay and phase: with
-        ``vision_tower_steps``, ``"vision"`` for `QScorerForTraining.vision_parameters` and
-        ``"language"`` for the rest (language model, score token, head), else ``"all"``."""
+        """``optimizer`` (AdamW, or `MuonWithAdamW`) with a parameter group per learning rate,
+        weight decay, phase and update rule: with ``vision_tower_steps``, ``"vision"`` for
+        `QScorerForTraining.vision_parameters` and ``"language"`` for the rest (language model,
+        score token, head), else ``"all"``; with Muon, ``"muon"`` marks `muon_parameter_names`."""
         config = self.config
         vision = {id(param) for param in model.vision_parameters()} if config.vision_tower_steps else set()
-        groups: dict[tuple[float, float, str], list[torch.nn.Parameter]] = {}
+        muon = muon_parameter_names(model) if config.optimizer == "muon" else set()
+        groups: dict[tuple[float, float, str, bool], list[torch.nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
             lr = config.head_learning_rate if name.startswith("scorer.head.") and config.head_learning_rate else None
             decay = config.weight_decay if param.ndim >= 2 else 0.0
             phase = "vision" if id(param) in vision else "language" if vision else "all"
-            groups.setdefault((lr or config.learning_rate, decay, phase), []).append(param)
-        return torch.optim.AdamW(
-            [
-                {"params": params, "lr": lr, "weight_decay": decay, "phase": phase}
-                for (lr, decay, phase), params in groups.items()
-            ],
-            lr=config.learning_rate,
-        )
+            groups.setdefault((lr or config.learning_rate, decay, phase, name in muon), []).append(param)
+        param_groups = [
+            {"params": params, "lr": lr, "weight_decay": decay, "phase": phase} | ({"muon": is_muon} if muon else {})
+            for (lr, decay, phase, is_muon), params in groups.items()
+        ]
+        optimizer_class = MuonWithAdamW if config.optimizer == "muon" else torch.optim.AdamW
+        return optimizer_class(param_groups, lr=config.learning_rate)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
         """``lr_scheduler`` with a warm-up of ``warmup_ratio`` of the steps, over the whole run; with
