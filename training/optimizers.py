@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 # Keller Jordan's quintic coefficients (as torch.optim.Muon): a steep slope at 0, singular values
 # end in about [0.7, 1.2] after 5 steps, which is as good as exact orthogonalisation here.
@@ -92,14 +93,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, decay = group["lr"], group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if group["muon"]:
-                    self._muon_update(param, lr, decay, group["momentum"])
-                else:
-                    self._adamw_update(param, lr, decay, group["betas"], group["eps"])
+            params = [param for param in group["params"] if param.grad is not None]
+            if group["muon"]:
+                for param in params:
+                    self._muon_update(param, group["lr"], group["weight_decay"], group["momentum"])
+            elif params:
+                self._adamw_update(params, group)
         return loss
 
     def _muon_update(self, param: torch.Tensor, lr: float, decay: float, momentum: float) -> None:
@@ -113,20 +112,28 @@ class MuonWithAdamW(torch.optim.Optimizer):
         param.mul_(1 - lr * decay)
         param.add_(update, alpha=-lr * 0.2 * math.sqrt(max(param.shape)))
 
-    def _adamw_update(
-        self, param: torch.Tensor, lr: float, decay: float, betas: tuple[float, float], eps: float
-    ) -> None:
-        grad = param.grad
-        state = self.state[param]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
-        state["step"] += 1
-        step = float(state["step"])
-        beta1, beta2 = betas
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        param.mul_(1 - lr * decay)
-        param.addcdiv_(state["exp_avg"], denominator, value=-lr / (1 - beta1**step))
+    def _adamw_update(self, params: list[torch.Tensor], group: dict) -> None:
+        """torch's functional AdamW on ``params`` (those of ``group`` with gradients)."""
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
+        states = [self.state[param] for param in params]
+        beta1, beta2 = group["betas"]
+        adamw(
+            params,
+            [param.grad for param in params],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [],
+            [state["step"] for state in states],
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )

@@ -390,7 +390,8 @@ class ScoreTokenTrainer:
         score token, head), else ``"all"``; with Muon, ``"muon"`` marks `muon_parameter_names`."""
         config = self.config
         vision = {id(param) for param in model.vision_parameters()} if config.vision_tower_steps else set()
-        muon = muon_parameter_names(model) if config.optimizer == "muon" else set()
+        use_muon = config.optimizer == "muon"
+        muon = muon_parameter_names(model) if use_muon else set()
         groups: dict[tuple[float, float, str, bool], list[torch.nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:
@@ -400,11 +401,14 @@ class ScoreTokenTrainer:
             phase = "vision" if id(param) in vision else "language" if vision else "all"
             groups.setdefault((lr or config.learning_rate, decay, phase, name in muon), []).append(param)
         param_groups = [
-            {"params": params, "lr": lr, "weight_decay": decay, "phase": phase} | ({"muon": is_muon} if muon else {})
-            for (lr, decay, phase, is_muon), params in groups.items()
+            {"params": params, "lr": lr, "weight_decay": decay, "phase": phase}
+            for (lr, decay, phase, _), params in groups.items()
         ]
-        optimizer_class = MuonWithAdamW if config.optimizer == "muon" else torch.optim.AdamW
-        return optimizer_class(param_groups, lr=config.learning_rate)
+        if not use_muon:
+            return torch.optim.AdamW(param_groups, lr=config.learning_rate)
+        for group, (*_, is_muon) in zip(param_groups, groups):
+            group["muon"] = is_muon
+        return MuonWithAdamW(param_groups, lr=config.learning_rate)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
         """``lr_scheduler`` with a warm-up of ``warmup_ratio`` of the steps, over the whole run; with
