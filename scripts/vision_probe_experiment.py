@@ -16,6 +16,8 @@ training photos with the training implementations and with the held-out ones (wr
 (`scripts/evaluate_synthetic_quality.py` writes it). The shard and the sets are decoded once into
 ``.npy`` files in ``--cache-dir``.
 
+``--local-fidelity W`` adds the trainer's ``loss.local_fidelity`` term with weight W (maps against
+each group's pristine image, computed before the channels are permuted).
 ``--augment dihedral`` also turns images by multiples of 90 degrees and ``--permute-channels``
 reorders their RGB channels (content variety at no data cost); ``--optimizer muon`` trains with
 Muon as the trainer's ``optimizer: muon`` does. ``--save`` writes the tower and probe at every
@@ -42,6 +44,7 @@ from qscorer_reward.preprocessing import normalize
 from qscorer_reward.training.content import TRAIN_PHOTOS, photo_crop
 from qscorer_reward.training.distortions import DISTORTION_TYPES
 from qscorer_reward.training.image_ops import to_uint8
+from qscorer_reward.training.local_fidelity import local_fidelity_maps
 from qscorer_reward.training.losses import fidelity_loss, score_mse_loss
 from qscorer_reward.training.model import VisionProbe
 from qscorer_reward.training.optimizers import MuonWithAdamW, muon_parameter_names
@@ -80,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("adamw", "muon"),
         default="adamw",
         help="muon: Muon for the hidden weight matrices, AdamW for the rest (the trainer's `optimizer: muon`)",
+    )
+    parser.add_argument(
+        "--local-fidelity",
+        type=float,
+        default=0.0,
+        help="weight of the dense auxiliary loss of the trainer's `loss.local_fidelity`: every merged token "
+        "predicts its region's local fidelity against the group's pristine image",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--load", type=Path, help="start from this saved tower and probe (--save's file)")
@@ -126,9 +136,10 @@ def development_set(cache: Path, crops: int, split: str, size: int, seed: int = 
 
 
 class TowerWithProbe(torch.nn.Module):
-    """The base's vision tower and a `VisionProbe` on its merged tokens."""
+    """The base's vision tower and a `VisionProbe` on its merged tokens (with ``local_fidelity``
+    also predicting every token's local fidelity, kept in ``token_fidelity`` by training forwards)."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, local_fidelity: bool = False):
         super().__init__()
         from transformers import AutoModelForImageTextToText
 
@@ -138,7 +149,8 @@ class TowerWithProbe(torch.nn.Module):
         self.patch_size, self.merge_size = vision.patch_size, vision.spatial_merge_size
         self.temporal_patch_size = vision.temporal_patch_size
         hidden = model.config.text_config.hidden_size
-        self.probe = VisionProbe(self.visual, hidden, SCORE_MIDPOINT, detach_language_model_input=False)
+        self.probe = VisionProbe(self.visual, hidden, SCORE_MIDPOINT, False, local_fidelity)
+        self.token_fidelity: torch.Tensor | None = None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B]`` float32 scores of float RGB ``[B, 3, H, W]`` pixels in [0, 1]."""
@@ -148,6 +160,8 @@ class TowerWithProbe(torch.nn.Module):
         count, _, height, width = pixels.shape
         grid = torch.tensor([[1, height // self.patch_size, width // self.patch_size]] * count, device=pixels.device)
         self.visual(patches, grid_thw=grid)
+        if self.training and self.probe.local_fidelity_layers is not None:
+            self.token_fidelity = self.probe.token_fidelity()
         return self.probe.scores((grid.prod(-1) // self.merge_size**2).tolist())
 
 
@@ -156,20 +170,33 @@ def unit_pixels(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2).float() / 255
 
 
-def augmented(pixels: torch.Tensor, rng: np.random.Generator, dihedral: bool, permute_channels: bool) -> torch.Tensor:
+def augmented(
+    pixels: torch.Tensor,
+    rng: np.random.Generator,
+    dihedral: bool,
+    permute_channels: bool,
+    maps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each image of ``[B, 3, H, W]`` mirrored left-right with probability 1/2, and with
     ``dihedral`` rotated by a random multiple of 90 degrees, with ``permute_channels`` with its
-    RGB channels in a random order: transformations that leave the distortions' severity alone."""
+    RGB channels in a random order: transformations that leave the distortions' severity alone.
+    ``maps`` (``[B, C, h, w]``, optional) are mirrored and turned with their images. Returns the
+    images and the maps."""
     flips = rng.random(len(pixels)) < 0.5
-    images = []
-    for image, flip in zip(pixels, flips):
-        image = image.flip(-1) if flip else image
+    images, moved = [], []
+    for index, (image, flip) in enumerate(zip(pixels, flips)):
+        image_maps = None if maps is None else maps[index]
+        if flip:
+            image, image_maps = image.flip(-1), None if image_maps is None else image_maps.flip(-1)
         if dihedral:
-            image = torch.rot90(image, int(rng.integers(4)), dims=(-2, -1))
+            turns = int(rng.integers(4))
+            image = torch.rot90(image, turns, dims=(-2, -1))
+            image_maps = None if image_maps is None else torch.rot90(image_maps, turns, dims=(-2, -1))
         if permute_channels:
             image = image[torch.from_numpy(rng.permutation(3)).to(image.device)]
         images.append(image)
-    return torch.stack(images)
+        moved.append(image_maps)
+    return torch.stack(images), None if maps is None else torch.stack(moved)
 
 
 @torch.no_grad()
@@ -212,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = read_manifest(args.eval_dir / "manifest.csv")
         sets["held_out_photos"] = (rows, decoded_images(rows, args.cache_dir / f"eval-{size}.npy"))
 
-    model = TowerWithProbe(args.base)
+    model = TowerWithProbe(args.base, local_fidelity=bool(args.local_fidelity))
     if args.load:
         model.load_state_dict(torch.load(args.load, map_location="cpu"))
     model.to(args.device)
@@ -250,8 +277,17 @@ def main(argv: list[str] | None = None) -> dict:
         position += groups_per_batch
         indices = (groups[:, None] * args.group_size + np.arange(args.group_size)).reshape(-1)
         pixels = unit_pixels(train_images[indices], args.device)
-        predicted = model(augmented(pixels, rng, args.augment == "dihedral", args.permute_channels))
+        maps = None
+        if args.local_fidelity:  # a group's first image is its pristine one
+            reference_index = torch.arange(len(pixels), device=pixels.device) // args.group_size
+            region = model.patch_size * model.merge_size
+            maps = local_fidelity_maps(pixels[:: args.group_size], pixels, region, reference_index)
+        pixels, maps = augmented(pixels, rng, args.augment == "dihedral", args.permute_channels, maps)
+        predicted = model(pixels)
         loss = score_mse_loss(predicted, mos[indices])
+        if args.local_fidelity:
+            target = 1 + 4 * maps.flatten(2).transpose(1, 2).reshape(-1, 2)  # tokens row-major per image
+            loss = loss + args.local_fidelity * score_mse_loss(model.token_fidelity, target)
         if args.fidelity:
             loss = loss + args.fidelity * fidelity_loss(predicted, mos[indices])
         optimizer.zero_grad()

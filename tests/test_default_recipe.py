@@ -127,7 +127,8 @@ def test_the_vision_probe_experiment_trains_the_base_tower_and_measures_each_gap
               "--batch-size", "8", "--dev-crops", "1"]  # fmt: skip
     summary = experiment.main(
         [*common, "--steps", "2", "--eval-every", "1", "--augment", "dihedral", "--permute-channels",
-         "--optimizer", "muon", "--save", str(tmp_path / "tower.pt"), "--json", str(tmp_path / "r.json")]
+         "--optimizer", "muon", "--local-fidelity", "0.1", "--save", str(tmp_path / "tower.pt"),
+         "--json", str(tmp_path / "r.json")]
     )  # fmt: skip
 
     assert [entry["step"] for entry in summary["history"]] == [1, 2]
@@ -136,12 +137,17 @@ def test_the_vision_probe_experiment_trains_the_base_tower_and_measures_each_gap
     assert (tmp_path / "r.json").is_file() and len(list((tmp_path / "cache").glob("*.npy"))) == 3
     assert all(-1 <= entry[name] <= 1 for entry in summary["history"] for name in ("train", "held_out"))
     # The saved tower and probe, evaluated without training, give the last evaluation again.
-    reloaded = experiment.main([*common, "--steps", "0", "--load", str(tmp_path / "tower.pt")])
+    reloaded = experiment.main(
+        [*common, "--steps", "0", "--load", str(tmp_path / "tower.pt"), "--local-fidelity", "0.1"]
+    )
     assert reloaded["history"][0] | {"step": 2, "seconds": 0} == summary["history"][-1] | {"seconds": 0}
 
-    # Each augmented image is its original turned, mirrored and with its channels reordered.
+    # Each augmented image is its original turned, mirrored and with its channels reordered, and
+    # maps (here each image's 4 x 4 means) turn and mirror with it.
     pixels = torch.rand(6, 3, 8, 8)
-    augmented = experiment.augmented(pixels, np.random.default_rng(0), dihedral=True, permute_channels=True)
+    maps = torch.nn.functional.avg_pool2d(pixels, 4)
+    augmented, moved_maps = experiment.augmented(pixels, np.random.default_rng(0), True, True, maps)
+    assert torch.allclose(torch.nn.functional.avg_pool2d(augmented, 4).sort(1).values, moved_maps.sort(1).values)
     for original, image in zip(pixels, augmented):
         variants = [
             torch.rot90(flipped, k, dims=(-2, -1))[list(order)]

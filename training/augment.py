@@ -9,7 +9,7 @@ import torch
 
 
 class QualityPreservingAugment:
-    """Random horizontal flip and crop of uint8 ``[3, H, W]`` images (the dataset applies it).
+    """Random horizontal flip and crop of uint8 ``[C, H, W]`` images (the dataset applies it).
 
     Crops keep the aspect ratio, with sides at least ``min_crop_side`` of the image's; a crop never
     has fewer pixels than ``min(H * W, max_pixels)``, so the backbone never upsamples it more than
@@ -34,7 +34,7 @@ class QualityPreservingAugment:
         return self.hflip or self.min_crop_side < 1.0
 
     def __call__(self, pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """``pixels``: uint8 ``[3, H, W]``; returns an augmented view of the same dtype."""
+        """``pixels``: uint8 ``[C, H, W]``; returns an augmented view of the same dtype."""
         flip, side, top, left = rng.random(4)
         height, width = pixels.shape[-2:]
         budget_side = math.sqrt(min(height * width, self.max_pixels) / (height * width))

@@ -106,6 +106,10 @@ class LossWeights:
     ``vision_probe_only``: the tower learns from the probe alone (the score losses stop at its
     output, training the language model, score token and head on top of it); the two parts'
     gradients are then clipped separately (`QScorerForTraining.gradient_groups`).
+    ``local_fidelity``: weight of a dense auxiliary MSE beside the probe: a second small head
+    predicts, for every image token, the local SSIM and colour fidelity of its region against the
+    undistorted image (`qscorer_reward.training.local_fidelity`); needs ``vision_probe`` and a
+    ``reference`` for every training record (a grouped synthetic shard has them). Training only.
     """
 
     mse: float = 1.0
@@ -115,12 +119,15 @@ class LossWeights:
     ranking: float = 0.0
     vision_probe: float = 0.0
     vision_probe_only: bool = False
+    local_fidelity: float = 0.0
     fidelity_std: float = 1.0
     ranking_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if self.vision_probe_only and not self.vision_probe:
             raise ValueError("loss.vision_probe_only needs a loss.vision_probe weight > 0 (the tower learns from it)")
+        if self.local_fidelity and not self.vision_probe:
+            raise ValueError("loss.local_fidelity needs a loss.vision_probe weight > 0 (its head is the probe's)")
 
 
 @dataclass

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from qscorer_reward.head import soft_clamp
+from qscorer_reward.preprocessing import resize_antialiased
 from qscorer_reward.score_tokens import get_score_token_rows
 from qscorer_reward.scorer import QScorer
 
+from .local_fidelity import local_fidelity_maps
 from .losses import score_token_ce_loss
 
 
@@ -34,6 +36,7 @@ class TrainableParts:
     output_rows: bool = True  # the score tokens' output rows (only the cross-entropy uses them)
     vision_probe: bool = False  # an auxiliary head on the mean image token (`VisionProbe`)
     vision_learns_from_probe_only: bool = False  # the score losses stop at the vision tower's output
+    local_fidelity: bool = False  # the probe also predicts each token's local fidelity (`VisionProbe`)
 
 
 class VisionProbe(nn.Module):
@@ -44,12 +47,25 @@ class VisionProbe(nn.Module):
     passing through the language model. It watches the tower with a forward hook and is not saved.
     With ``detach_language_model_input`` the language model receives the tower's output detached,
     so the tower learns from the probe alone and the score losses train what reads it.
+
+    With ``local_fidelity`` a second head predicts, for every token, the local structure and
+    colour fidelity of the image region it covers (`local_fidelity.local_fidelity_maps`, on the
+    1..5 scale): a dense full-reference target that asks the tower where the damage is, not only
+    how much.
     """
 
-    def __init__(self, visual: nn.Module, hidden_size: int, midpoint: float, detach_language_model_input: bool):
+    def __init__(
+        self,
+        visual: nn.Module,
+        hidden_size: int,
+        midpoint: float,
+        detach_language_model_input: bool,
+        local_fidelity: bool = False,
+    ):
         super().__init__()
         self.detach_language_model_input = detach_language_model_input
-        self.layers = nn.Sequential(nn.Linear(hidden_size, hidden_size // 2), nn.GELU(), nn.Linear(hidden_size // 2, 1))
+        self.layers = self._head(hidden_size, 1)
+        self.local_fidelity_layers = self._head(hidden_size, 2) if local_fidelity else None
         self.midpoint = midpoint
         self.features: torch.Tensor | None = None
         self._hook = visual.register_forward_hook(self._keep_features)
@@ -62,6 +78,15 @@ class VisionProbe(nn.Module):
         if self.detach_language_model_input:
             output.pooler_output = output.pooler_output.detach()
         return output
+
+    @staticmethod
+    def _head(hidden_size: int, outputs: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(hidden_size, hidden_size // 2), nn.GELU(), nn.Linear(hidden_size // 2, outputs))
+
+    def token_fidelity(self) -> torch.Tensor:
+        """``[tokens, 2]`` float32 local fidelity predictions (structure, colour; 1..5 scale) of
+        every token of the last forward of the vision tower; call before `scores`."""
+        return self.local_fidelity_layers(self.features.float()) + self.midpoint
 
     def scores(self, tokens_per_image: list[int]) -> torch.Tensor:
         """``[B]`` float32 scores from the features of the last forward of the vision tower."""
@@ -144,6 +169,7 @@ class QScorerForTraining(nn.Module):
                 model.config.text_config.hidden_size,
                 (low + high) / 2,
                 parts.vision_learns_from_probe_only,
+                parts.local_fidelity,
             )
             if parts.vision_probe
             else None
@@ -184,7 +210,12 @@ class QScorerForTraining(nn.Module):
         return [group for group in groups if group]
 
     def forward(
-        self, pixels: torch.Tensor | list[torch.Tensor], compute_ce: bool = True, vision_only: bool = False
+        self,
+        pixels: torch.Tensor | list[torch.Tensor],
+        compute_ce: bool = True,
+        vision_only: bool = False,
+        references: torch.Tensor | list[torch.Tensor] | None = None,
+        reference_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Score a batch and (optionally) compute the answer's cross-entropy.
 
@@ -194,21 +225,35 @@ class QScorerForTraining(nn.Module):
             compute_ce: also compute ``ce_loss`` (training); off for evaluation.
             vision_only: run the vision tower and the `VisionProbe` alone, not the language model
                 (a phase that trains only the tower; needs the probe).
+            references: with a local-fidelity probe (``TrainableParts.local_fidelity``), the
+                undistorted images the ``pixels`` were made from, in the same form (``[R, 3, H, W]``
+                or a list of R), each the size of the images it serves.
+            reference_index: int64 ``[B]``: which reference each image was made from (default:
+                the i-th for image i).
 
         Returns a dict: ``raw_scores`` (``[B]`` float32, the unbounded regression output the score
         losses read), ``scores`` (``[B]`` float32 in the score range, what inference returns),
         with ``compute_ce`` ``ce_loss`` (0-dim float32), and with a `VisionProbe`
-        ``vision_probe_scores`` (``[B]`` float32); with ``vision_only`` only the last.
+        ``vision_probe_scores`` (``[B]`` float32); with ``vision_only`` only the last. With
+        ``references`` also ``local_fidelity`` and ``local_fidelity_target`` (``[tokens, 2]``
+        float32, 1..5 scale, every token of every image in order).
         """
         backbone = self.scorer.backbone
         inputs = backbone.prepare(pixels)
+        grid = inputs.model_inputs["image_grid_thw"]
+        fidelity = {}
+        if references is not None:
+            if self.vision_probe is None or self.vision_probe.local_fidelity_layers is None:
+                raise ValueError("references are for the local-fidelity probe (loss.local_fidelity > 0)")
+            fidelity["local_fidelity_target"] = self._local_fidelity_target(pixels, references, reference_index, grid)
         if vision_only:
             if self.vision_probe is None:
                 raise ValueError("vision_only needs the vision probe (loss.vision_probe > 0)")
-            grid = inputs.model_inputs["image_grid_thw"]
             # The tower as the full forward runs it (dtype cast included); the probe's hook sees it.
             backbone.model.model.get_image_features(inputs.model_inputs["pixel_values"], image_grid_thw=grid)
-            return {"vision_probe_scores": self.vision_probe.scores(self._tokens_per_image(grid))}
+            if fidelity:
+                fidelity["local_fidelity"] = self.vision_probe.token_fidelity()
+            return {"vision_probe_scores": self.vision_probe.scores(self._tokens_per_image(grid))} | fidelity
         hidden = backbone(inputs)
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         head = self.scorer.head
@@ -220,9 +265,33 @@ class QScorerForTraining(nn.Module):
         if compute_ce:
             outputs["ce_loss"] = self._answer_cross_entropy(hidden, inputs.input_ids, inputs.score_positions)
         if self.vision_probe is not None:
-            tokens = self._tokens_per_image(inputs.model_inputs["image_grid_thw"])
-            outputs["vision_probe_scores"] = self.vision_probe.scores(tokens)
-        return outputs
+            if fidelity:
+                fidelity["local_fidelity"] = self.vision_probe.token_fidelity()
+            outputs["vision_probe_scores"] = self.vision_probe.scores(self._tokens_per_image(grid))
+        return outputs | fidelity
+
+    def _local_fidelity_target(self, pixels, references, reference_index, grid: torch.Tensor) -> torch.Tensor:
+        """``[tokens, 2]`` float32: each token's region's local fidelity (1..5 scale) of the images
+        as the tower sees them (resized to the backbone's input size where they are not at it)."""
+        config = self.scorer.backbone.config
+        region = config.patch_size * config.merge_size
+        sizes = [(int(h) * config.patch_size, int(w) * config.patch_size) for _, h, w in grid.tolist()]
+        if reference_index is None:
+            reference_index = torch.arange(len(sizes))
+        if len(set(sizes)) == 1 and all(tuple(image.shape[-2:]) == sizes[0] for image in pixels):
+            # All at the input size (the common case): one batched computation.
+            images = pixels if isinstance(pixels, torch.Tensor) else torch.stack(list(pixels))
+            references = references if isinstance(references, torch.Tensor) else torch.stack(list(references))
+            maps = local_fidelity_maps(references, images, region, reference_index.to(images.device))
+        else:  # mixed sizes, or resized by the backbone: image by image
+            maps = []
+            for image, (height, width), which in zip(pixels, sizes, reference_index.tolist()):
+                pair = torch.stack([references[which], image])
+                if tuple(image.shape[-2:]) != (height, width):
+                    pair = resize_antialiased(pair, height, width)
+                maps.append(local_fidelity_maps(pair[:1], pair[1:], region)[0])
+        # Tokens run row-major over each image's grid of merged regions.
+        return torch.cat([1 + 4 * image_maps.flatten(1).T for image_maps in maps])
 
     def _tokens_per_image(self, image_grid_thw: torch.Tensor) -> list[int]:
         """How many merged tokens the tower hands the language model per image."""

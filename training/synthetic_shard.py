@@ -2,10 +2,11 @@
 
 Generating a sample costs about 35 ms of one CPU core at 224 px, more than a tiny model's training
 step, so a training run on synthetic data reads a shard written once beforehand: BMP files plus a
-``manifest.csv`` in the training module's manifest format (``image``, ``mos``, ``group``, and the
-sample's ``distortion``, ``level``, ``implementation``, ``source``), and ``shard.json`` with the
-settings that determine it. The samples are those of ``SyntheticIQADataset(length, seed=seed, ...)``,
-so a shard depends only on its settings, whatever the number of processes that write it.
+``manifest.csv`` in the training module's manifest format (``image``, ``mos``, ``group``, in a
+grouped shard ``reference``, the group's pristine image, and the sample's ``distortion``,
+``level``, ``implementation``, ``source``), and ``shard.json`` with the settings that determine
+it. The samples are those of ``SyntheticIQADataset(length, seed=seed, ...)``, so a shard depends
+only on its settings, whatever the number of processes that write it.
 
 A dataset entry of a training config with ``format: synthetic_iqa`` names the shard's folder as
 its ``path`` and the settings under ``synthetic:`` (`SyntheticSettings`); the shard is written
@@ -28,7 +29,7 @@ from PIL import Image
 
 MANIFEST_NAME = "manifest.csv"
 SETTINGS_NAME = "shard.json"
-MANIFEST_COLUMNS = ("image", "mos", "distortion", "level", "implementation", "source", "group")
+MANIFEST_COLUMNS = ("image", "mos", "distortion", "level", "implementation", "source", "group", "reference")
 SAMPLES_PER_FOLDER = 1000
 # Uncompressed and lossless. A PNG is ~40% smaller but costs ~4 ms to write and ~1.5 ms to decode
 # at 224 px (a BMP ~0.2 and ~0.15 ms): decoding alone took a seventh of a tiny model's tower step.
@@ -159,7 +160,7 @@ def _write_range(directory: Path, settings: SyntheticSettings, start: int, stop:
     rows = []
     for index in range(start, stop):
         sample = dataset[index]
-        image = f"{index // SAMPLES_PER_FOLDER:04d}/{index:07d}{IMAGE_SUFFIX}"
+        image = _image_name(index)
         (directory / image).parent.mkdir(exist_ok=True)
         pixels = sample["image"].permute(1, 2, 0).numpy()  # uint8 [S, S, 3]
         Image.fromarray(pixels).save(directory / image)
@@ -172,6 +173,12 @@ def _write_range(directory: Path, settings: SyntheticSettings, start: int, stop:
                 implementation=sample["implementation"],
                 source=sample["source"],
                 group=_group_name(sample["source"], index, settings.group_size),
+                # A group's first sample is its content undistorted.
+                reference=_image_name(index - index % settings.group_size) if settings.group_size > 1 else "",
             )
         )
     return rows
+
+
+def _image_name(index: int) -> str:
+    return f"{index // SAMPLES_PER_FOLDER:04d}/{index:07d}{IMAGE_SUFFIX}"

@@ -76,16 +76,19 @@ def training_objective(
     vision_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the enabled loss terms and each term (unweighted), from the model's
-    outputs (``raw_scores``, ``ce_loss``, ``vision_probe_scores``) and the batch's MOS ``[B]`` /
+    outputs (``raw_scores``, ``ce_loss``, ``vision_probe_scores``, ``local_fidelity`` and its
+    ``local_fidelity_target``) and the batch's MOS ``[B]`` /
     MOS std ``[B]`` (NaN if unknown). ``vision_only``: the outputs of a ``vision_only`` forward,
-    whose objective is the probe's term alone.
+    whose objective is the probe's terms alone (``vision_probe``, ``local_fidelity``).
 
     Score terms read the unbounded regression output, so that a MOS at either end of the scale is
     reachable exactly; scoring bounds it (see `qscorer_reward.head.soft_clamp`).
     """
     if vision_only:
-        probe = score_mse_loss(outputs["vision_probe_scores"], mos)
-        return weights.vision_probe * probe, {"vision_probe": probe}
+        terms = {"vision_probe": score_mse_loss(outputs["vision_probe_scores"], mos)}
+        if weights.local_fidelity:
+            terms["local_fidelity"] = score_mse_loss(outputs["local_fidelity"], outputs["local_fidelity_target"])
+        return sum(getattr(weights, name) * value for name, value in terms.items()), terms
     raw = outputs["raw_scores"]
     terms: dict[str, torch.Tensor] = {}
     if weights.mse:
@@ -100,6 +103,8 @@ def training_objective(
         terms["ranking"] = margin_ranking_loss(raw, mos, weights.ranking_margin)
     if weights.vision_probe:
         terms["vision_probe"] = score_mse_loss(outputs["vision_probe_scores"], mos)
+    if weights.local_fidelity:
+        terms["local_fidelity"] = score_mse_loss(outputs["local_fidelity"], outputs["local_fidelity_target"])
     if not terms:
         raise ValueError("every loss weight is 0: nothing to train")
     total = sum(getattr(weights, name) * value for name, value in terms.items())
@@ -164,7 +169,7 @@ class ScoreTokenTrainer:
             config.augment.hflip, config.augment.min_crop_side, model.scorer.config.max_pixels
         )
         records = [record for recs in train_sets.values() for record in recs]
-        dataset = IQADataset(records, augment if augment.active else None, seed=config.seed)
+        dataset = self._training_dataset(records, augment if augment.active else None)
         sampler = MixtureSampler(
             [len(recs) for recs in train_sets.values()],
             weights=None if config.train_datasets[0].weight is None else [d.weight for d in config.train_datasets],
@@ -280,7 +285,9 @@ class ScoreTokenTrainer:
         accelerator, config = self.accelerator, self.config
         with accelerator.accumulate(prepared):
             pixels = to_unit_pixels(batch["pixels"], device=accelerator.device)
-            outputs = prepared(pixels, compute_ce=bool(config.loss.ce), vision_only=vision_only)
+            outputs = prepared(
+                pixels, compute_ce=bool(config.loss.ce), vision_only=vision_only, **self._references(batch)
+            )
             mos, mos_std = batch["mos"].to(accelerator.device), batch["mos_std"].to(accelerator.device)
             loss, terms = training_objective(outputs, mos, mos_std, config.loss, vision_only)
             accelerator.backward(loss)
@@ -297,7 +304,33 @@ class ScoreTokenTrainer:
                 optimizer.zero_grad()
         return {name: float(value.detach()) for name, value in {"loss": loss, **terms}.items()}
 
+    def _references(self, batch: dict) -> dict:
+        """The model's ``references`` / ``reference_index`` arguments for ``batch``: each reference
+        once (a group's members share their pristine image), or nothing without references."""
+        if "references" not in batch:
+            return {}
+        first = {}  # path -> position of its first occurrence, in order of appearance
+        for position, path in enumerate(batch["reference_paths"]):
+            first.setdefault(path, position)
+        row = {path: number for number, path in enumerate(first)}
+        index = torch.tensor([row[path] for path in batch["reference_paths"]])
+        unique = [batch["references"][position] for position in first.values()]
+        device = self.accelerator.device
+        return {"references": to_unit_pixels(unique, device=device), "reference_index": index.to(device)}
+
     # ------------------------------------------------------------------ setup
+
+    def _training_dataset(self, records: list[IQARecord], augment) -> IQADataset:
+        if not self.config.loss.local_fidelity:
+            return IQADataset(records, augment, seed=self.config.seed)
+        try:
+            return IQADataset(records, augment, seed=self.config.seed, with_references=True)
+        except ValueError as err:
+            raise ValueError(
+                f"loss.local_fidelity needs a reference image for every training record: {err}. A synthetic "
+                "shard has them when written with group_size > 1 (delete one written by an older version "
+                "to rewrite it)"
+            ) from err
 
     def _check_vision_tower_phase_is_supported(self) -> None:
         accelerator = self.accelerator
@@ -378,6 +411,7 @@ class ScoreTokenTrainer:
             output_rows=bool(config.loss.ce),
             vision_probe=bool(config.loss.vision_probe),
             vision_learns_from_probe_only=config.loss.vision_probe_only,
+            local_fidelity=bool(config.loss.local_fidelity),
         )
         return QScorerForTraining(
             scorer, parts, answer_token_count(scorer, config.answer_text), config.gradient_checkpointing
