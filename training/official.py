@@ -91,7 +91,8 @@ def read_spaq(root: str | os.PathLike) -> list[IQARecord]:
 
 
 def read_kadid10k(root: str | os.PathLike) -> list[IQARecord]:
-    """KADID-10k: ``dmos`` is a MOS on 1..5 (higher is better) despite its name; ``var`` its variance."""
+    """KADID-10k: ``dmos`` is a MOS on 1..5 (higher is better) despite its name; ``var`` its variance.
+    The reference image (in ``images/`` with the distorted ones) is the group and the reference."""
     root = Path(root)
     rows = _read_csv(root / "dmos.csv", ["dist_img", "ref_img", "dmos", "var"])
     mos_range = (1.0, 5.0)
@@ -101,6 +102,7 @@ def read_kadid10k(root: str | os.PathLike) -> list[IQARecord]:
             mos=rescale_mos(_number(row["dmos"], where), mos_range),
             mos_std=rescale_std(math.sqrt(max(_number(row["var"], where), 0.0)), mos_range),
             group=row["ref_img"],
+            reference=root / "images" / row["ref_img"],
         )
         for where, row in rows
     ]
