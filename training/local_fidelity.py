@@ -80,11 +80,6 @@ def _luma(pixels: torch.Tensor) -> torch.Tensor:
     return torch.einsum("c,bchw->bhw", torch.tensor(_BT601_LUMA, dtype=pixels.dtype, device=pixels.device), pixels)
 
 
-def ssim_map(reference: torch.Tensor, distorted: torch.Tensor) -> torch.Tensor:
-    """Per-pixel SSIM ``[B, H, W]`` of the BT.601 luma of two unit RGB batches ``[B, 3, H, W]``."""
-    return _ssim_from_reference_statistics(_reference_statistics(_luma(reference)), _luma(distorted))
-
-
 def _reference_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's part of SSIM: luma ``x``, its local mean and local mean of squares."""
     mean, mean_of_squares = _gaussian_blur(torch.stack([x, x * x])).unbind(0)
@@ -92,6 +87,7 @@ def _reference_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def _ssim_from_reference_statistics(statistics, y: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM ``[B, H, W]`` of luma ``y`` against the reference of ``statistics``."""
     x, mu_x, xx = statistics
     mu_y, yy, xy = _gaussian_blur(torch.stack([y, y * y, x * y])).unbind(0)
     var_x, var_y, covariance = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
