@@ -17,6 +17,8 @@ for pixel as scikit-image's SSIM map.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,7 @@ def unit_rgb_to_lab(pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
 
 
+@functools.lru_cache(maxsize=8)  # one per image side, dtype and device: built once, not per batch
 def _gaussian_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``[size, size]`` matrix ``G`` with ``G @ v`` the Gaussian filter (sigma 1.5, radius 5) of a
     length-``size`` signal ``v`` with its borders reflected (``size`` > 5)."""
