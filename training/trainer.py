@@ -84,24 +84,20 @@ def training_objective(
     Score terms read the unbounded regression output, so that a MOS at either end of the scale is
     reachable exactly; scoring bounds it (see `qscorer_reward.head.soft_clamp`).
     """
-    if vision_only:
-        terms = {"vision_probe": score_mse_loss(outputs["vision_probe_scores"], mos)}
-        if weights.local_fidelity:
-            terms["local_fidelity"] = score_mse_loss(outputs["local_fidelity"], outputs["local_fidelity_target"])
-        return sum(getattr(weights, name) * value for name, value in terms.items()), terms
-    raw = outputs["raw_scores"]
     terms: dict[str, torch.Tensor] = {}
-    if weights.mse:
-        terms["mse"] = score_mse_loss(raw, mos)
-    if weights.ce:
-        terms["ce"] = outputs["ce_loss"]
-    if weights.plcc:
-        terms["plcc"] = plcc_loss(raw, mos)
-    if weights.fidelity:
-        terms["fidelity"] = fidelity_loss(raw, mos, mos_std, weights.fidelity_std)
-    if weights.ranking:
-        terms["ranking"] = margin_ranking_loss(raw, mos, weights.ranking_margin)
-    if weights.vision_probe:
+    if not vision_only:
+        raw = outputs["raw_scores"]
+        if weights.mse:
+            terms["mse"] = score_mse_loss(raw, mos)
+        if weights.ce:
+            terms["ce"] = outputs["ce_loss"]
+        if weights.plcc:
+            terms["plcc"] = plcc_loss(raw, mos)
+        if weights.fidelity:
+            terms["fidelity"] = fidelity_loss(raw, mos, mos_std, weights.fidelity_std)
+        if weights.ranking:
+            terms["ranking"] = margin_ranking_loss(raw, mos, weights.ranking_margin)
+    if weights.vision_probe or vision_only:
         terms["vision_probe"] = score_mse_loss(outputs["vision_probe_scores"], mos)
     if weights.local_fidelity:
         terms["local_fidelity"] = score_mse_loss(outputs["local_fidelity"], outputs["local_fidelity_target"])
