@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, QScorerConfig
 from .head import ScoreHead
-from .score_tokens import get_score_token_rows, set_score_token_rows
+from .score_tokens import set_score_token_rows
 
 HEAD_FILE = "head.safetensors"
 SCORE_TOKENS_FILE = "score_tokens.safetensors"
@@ -39,44 +39,91 @@ TRAINED_MODULES_FILE = "trained_modules.safetensors"
 BUNDLED_DEFAULT = Path(__file__).parent / "default_model"
 
 
-def save_checkpoint(scorer, directory: Path, weights_format: str) -> None:
-    """Write ``scorer`` to ``directory`` in ``weights_format`` (``"full"`` or ``"trained_parts"``).
+def write_checkpoint(
+    directory: str | os.PathLike,
+    config: QScorerConfig,
+    head: dict[str, torch.Tensor],
+    tokenizer=None,
+    *,
+    backbone: nn.Module | None = None,
+    score_token_rows: dict[str, torch.Tensor] | None = None,
+    adapter: tuple[object, dict[str, torch.Tensor]] | None = None,
+    trained_modules: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a checkpoint directory in ``config.weights_format``; the one writer of the format.
 
     The files go to a temporary sibling directory that replaces ``directory`` only once complete,
-    so an interrupted save never leaves a checkpoint that looks whole.
-    """
-    config = dataclasses.replace(scorer.config, weights_format=weights_format)
-    model = scorer.backbone.model
-    has_adapter = has_lora(model)
-    if weights_format == "full" and has_adapter:
-        raise ValueError("the backbone carries a LoRA adapter: save weights_format='trained_parts', or merge it first")
-    if weights_format == "trained_parts" and not config.base_model:
-        raise ValueError("weights_format='trained_parts' needs config.base_model, the model the parts apply to")
-    if weights_format == "trained_parts" and scorer.adapter_merged:
-        raise ValueError(
-            "this scorer's LoRA adapter was merged into the base weights when it was loaded, so the trained "
-            "parts can no longer be told apart: save weights_format='full', or load with merge_lora=False"
-        )
+    so an interrupted save never leaves a checkpoint that looks whole. Tensors may be on any device.
 
-    directory = directory.resolve()
+    Args:
+        directory: the checkpoint directory to create or replace.
+        config: written as ``qscorer_config.json``; its ``weights_format`` says which weights follow.
+        head: the `ScoreHead`'s state dict.
+        tokenizer: the tokenizer with its score tokens (``save_pretrained``), or ``None``.
+        backbone: ``"full"`` only: the whole transformers model, written by its ``save_pretrained``.
+        score_token_rows: ``"trained_parts"`` only: ``input_embeddings`` and ``output_embeddings``,
+            ``[K, hidden]`` each.
+        adapter: ``"trained_parts"`` only, optional: a peft ``LoraConfig`` and the adapter's tensors
+            as ``peft.get_peft_model_state_dict`` names them (see `lora_adapter`).
+        trained_modules: ``"trained_parts"`` only, optional: backbone tensors trained whole, by their
+            names in the backbone's state dict.
+    """
+    if config.weights_format == "full":
+        if backbone is None or score_token_rows is not None or adapter is not None or trained_modules is not None:
+            raise ValueError("weights_format 'full' writes the whole backbone and nothing of the trained-parts form")
+        if has_lora(backbone):
+            raise ValueError(
+                "the backbone carries a LoRA adapter: save weights_format='trained_parts', or merge it first"
+            )
+    else:
+        if backbone is not None or score_token_rows is None:
+            raise ValueError("weights_format 'trained_parts' writes the score-token rows, not the whole backbone")
+        if not config.base_model:
+            raise ValueError("weights_format='trained_parts' needs config.base_model, the model the parts apply to")
+
+    directory = Path(directory).resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     try:
-        if weights_format == "full":
-            model.save_pretrained(staging)
+        if backbone is not None:
+            backbone.save_pretrained(staging)
         else:
-            rows = get_score_token_rows(model, config.score_token_ids)
-            save_file({k: v.contiguous().cpu() for k, v in rows.items()}, staging / SCORE_TOKENS_FILE)
-            if has_adapter:
-                _save_adapter(model, staging)
-        save_file({k: v.contiguous().cpu() for k, v in scorer.head.state_dict().items()}, staging / HEAD_FILE)
-        if scorer.tokenizer is not None:
-            scorer.tokenizer.save_pretrained(staging)
+            save_file(_on_cpu(score_token_rows), staging / SCORE_TOKENS_FILE)
+            if trained_modules:
+                save_file(_on_cpu(trained_modules), staging / TRAINED_MODULES_FILE)
+            if adapter is not None:
+                adapter_config, adapter_state = adapter
+                adapter_config.save_pretrained(staging)
+                save_file(
+                    {PEFT_KEY_PREFIX + k: v for k, v in _on_cpu(adapter_state).items()}, staging / ADAPTER_WEIGHTS_FILE
+                )
+        save_file(_on_cpu(head), staging / HEAD_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         config.to_json_file(staging / CONFIG_NAME)
         replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return directory
+
+
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+
+
+def lora_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None):
+    """``(LoraConfig, tensors)`` of the LoRA adapter injected into ``model`` in peft's naming, or
+    ``None`` without one; the tensors are taken from ``state_dict`` (``model``'s own names) if given,
+    e.g. weights gathered from a distributed run, else from ``model``."""
+    if not has_lora(model):
+        return None
+    from peft import get_peft_model_state_dict
+
+    if len(model.peft_config) != 1:
+        raise ValueError(f"exactly one adapter can be saved, the backbone has {sorted(model.peft_config)}")
+    (adapter_name, adapter_config), *_ = model.peft_config.items()
+    return adapter_config, get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name)
 
 
 def replace_directory(new: Path, target: Path) -> None:
@@ -108,6 +155,18 @@ def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
 
 
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """What `load_checkpoint` read: the parts of a Q-Scorer, and whether a LoRA adapter was merged
+    into the backbone's weights on the way (its trained parts can then no longer be saved apart)."""
+
+    config: QScorerConfig
+    model: nn.Module
+    tokenizer: object
+    head: ScoreHead
+    adapter_merged: bool
+
+
 def load_checkpoint(
     path: str | os.PathLike | None,
     *,
@@ -115,11 +174,10 @@ def load_checkpoint(
     attn_implementation: str | None = "sdpa",
     trust_remote_code: bool = False,
     merge_lora: bool = True,
-):
-    """Load a checkpoint directory as a `QScorer` (on the CPU; the caller moves it)."""
+) -> LoadedCheckpoint:
+    """Read a checkpoint directory (on the CPU): its config, backbone, tokenizer and head, which
+    `QScorer.from_pretrained` wires together."""
     from transformers import AutoTokenizer
-
-    from .scorer import QScorer
 
     directory = resolve_checkpoint(path)
     config = QScorerConfig.from_json_file(directory / CONFIG_NAME)
@@ -157,9 +215,7 @@ def load_checkpoint(
     expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}
     check_tensors(head_state, expected, directory / HEAD_FILE)
     head.load_state_dict(head_state)
-    scorer = QScorer.assemble(config, model, tokenizer, head)
-    scorer.adapter_merged = adapter_merged
-    return scorer
+    return LoadedCheckpoint(config, model, tokenizer, head, adapter_merged)
 
 
 def _load_backbone(source: str | Path, **kwargs):
@@ -227,18 +283,6 @@ def has_lora(model: nn.Module) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(module, BaseTunerLayer) for module in model.modules())
-
-
-def _save_adapter(model: nn.Module, directory: Path) -> None:
-    """The injected adapter in peft's format (``PeftModel.from_pretrained`` can load it too)."""
-    from peft import get_peft_model_state_dict
-
-    if len(model.peft_config) != 1:
-        raise ValueError(f"exactly one adapter can be saved, the backbone has {sorted(model.peft_config)}")
-    (adapter_name, adapter_config), *_ = model.peft_config.items()
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    adapter_config.save_pretrained(directory)
-    save_file({PEFT_KEY_PREFIX + k: v.contiguous().cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS_FILE)
 
 
 def _load_adapter(model: nn.Module, directory: Path, merge: bool) -> nn.Module:

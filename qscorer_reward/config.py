@@ -9,6 +9,11 @@ from pathlib import Path
 
 CONFIG_NAME = "qscorer_config.json"
 FORMAT_VERSION = 1
+# Backbone weight dtypes by name, as configs and the command line give them.
+DTYPES = ("float32", "bfloat16", "float16")
+# CLIP's pixel statistics, used by the Qwen2-VL and Qwen2.5-VL image processors.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Qwen chat layout; `{image}` is replaced by the vision-start token, the image tokens and the
 # vision-end token. The score tokens are appended after the template.
@@ -60,8 +65,8 @@ class QScorerConfig:
     patch_size: int = 14
     merge_size: int = 2
     temporal_patch_size: int = 2
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
     weights_format: str = "full"
     model_name: str | None = None
     version: int = FORMAT_VERSION

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -12,14 +13,11 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, BackboneInputs, backbone_class
-from .config import QWEN_PROMPT_TEMPLATE, QScorerConfig
+from .checkpoint import load_checkpoint, lora_adapter, write_checkpoint
+from .config import CLIP_MEAN, CLIP_STD, QWEN_PROMPT_TEMPLATE, QScorerConfig
 from .head import ScoreHead
 from .preprocessing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, to_unit_pixels
-from .score_tokens import add_score_tokens
-
-# CLIP statistics, used by the Qwen2-VL and Qwen2.5-VL image processors.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .score_tokens import add_score_tokens, get_score_token_rows
 
 
 class QScorer(nn.Module):
@@ -167,24 +165,36 @@ class QScorer(nn.Module):
             trust_remote_code: only for base models that need it; never set implicitly.
             merge_lora: merge a LoRA adapter into the base weights (fastest for scoring).
         """
-        from .checkpoint import load_checkpoint
-
-        scorer = load_checkpoint(
+        loaded = load_checkpoint(
             path,
             dtype=dtype,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             merge_lora=merge_lora,
         )
+        scorer = cls.assemble(loaded.config, loaded.model, loaded.tokenizer, loaded.head)
+        scorer.adapter_merged = loaded.adapter_merged
         scorer.requires_grad_(False).eval()
         return scorer.to(device) if device is not None else scorer
 
     def save_pretrained(self, path: str | os.PathLike, weights_format: str | None = None) -> None:
         """Write a checkpoint directory; ``weights_format`` ``"full"`` or ``"trained_parts"``
-        (default: the config's). Loading it back gives the same scores."""
-        from .checkpoint import save_checkpoint
-
-        save_checkpoint(self, Path(path), weights_format or self.config.weights_format)
+        (default: the config's). Loading it back gives the same scores; see `qscorer_reward.checkpoint`."""
+        config = dataclasses.replace(self.config, weights_format=weights_format or self.config.weights_format)
+        model = self.backbone.model
+        if config.weights_format == "full":
+            parts = {"backbone": model}
+        else:
+            if self.adapter_merged:
+                raise ValueError(
+                    "this scorer's LoRA adapter was merged into the base weights when it was loaded, so the trained "
+                    "parts can no longer be told apart: save weights_format='full', or load with merge_lora=False"
+                )
+            parts = {
+                "score_token_rows": get_score_token_rows(model, config.score_token_ids),
+                "adapter": lora_adapter(model),
+            }
+        write_checkpoint(path, config, self.head.state_dict(), self.tokenizer, **parts)
 
     # ------------------------------------------------------------------ properties
 
