@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ..preprocessing import ImageInput
-from ..scorer import QScorer
+from qscorer_reward.preprocessing import ImageInput
+from qscorer_reward.scorer import QScorer
+
 from .normalization import check_normalization, normalize_scores
 
 

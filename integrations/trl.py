@@ -31,9 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..preprocessing import ImageInput
-from ..scorer import QScorer
+from qscorer_reward.extras import require_extra
+from qscorer_reward.preprocessing import ImageInput
+from qscorer_reward.scorer import QScorer
+
 from .normalization import check_normalization, normalize_scores
+
+require_extra("trl", __name__)
 
 # Images the policy's text became: a batch tensor [B, 3, H, W], or one entry per completion (None
 # where nothing could be rendered).

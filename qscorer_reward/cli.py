@@ -18,6 +18,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import DTYPES
+from .extras import MissingExtraError
 from .filter_job import FILTER_MODES, rows_from_score_file, run_filter_job
 from .scoring_job import (
     existing_output_files,
@@ -30,7 +32,6 @@ from .scoring_job import (
     write_rows,
 )
 
-DTYPES = ("float32", "bfloat16", "float16")
 DONE_VERBS = {"copy": "copied", "move": "moved", "symlink": "symlinked"}
 
 
@@ -139,8 +140,12 @@ def _filter_command(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
+    try:
+        from .training.trainer import ScoreTokenTrainer
+    except MissingExtraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from .training.config import TrainingConfig
-    from .training.trainer import ScoreTokenTrainer
 
     config = TrainingConfig.from_file(args.config)
     overrides = {"output_dir": args.output_dir, "max_steps": args.max_steps}
@@ -156,9 +161,13 @@ def _train_command(args: argparse.Namespace) -> int:
 def _eval_command(args: argparse.Namespace) -> int:
     import torch
 
+    try:
+        from .training.evaluation import dataset_metrics, format_table, predict, write_report
+    except MissingExtraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from .scorer import QScorer
     from .training.config import DatasetConfig
-    from .training.evaluation import dataset_metrics, format_table, predict, write_report
     from .training.sources import load_records
 
     if args.manifest:

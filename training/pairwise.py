@@ -30,23 +30,30 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, IterableDataset
 from torch import nn
-from trl import RewardConfig, RewardTrainer
-from trl.data_utils import get_dataset_column_names
-from trl.trainer.base_trainer import _BaseTrainer
-from trl.trainer.utils import disable_dropout_in_model
 
-from ..checkpoint import (
+from qscorer_reward.extras import missing_extra
+
+try:
+    from datasets import Dataset, IterableDataset
+    from trl import RewardConfig, RewardTrainer
+    from trl.data_utils import get_dataset_column_names
+    from trl.trainer.base_trainer import _BaseTrainer
+    from trl.trainer.utils import disable_dropout_in_model
+except ModuleNotFoundError as err:
+    raise missing_extra("trl", __name__) from err
+
+from qscorer_reward.checkpoint import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     HEAD_FILE,
     SCORE_TOKENS_FILE,
     has_lora,
 )
-from ..config import CONFIG_NAME
-from ..preprocessing import to_unit_pixels
-from ..scorer import QScorer
+from qscorer_reward.config import CONFIG_NAME
+from qscorer_reward.preprocessing import to_unit_pixels
+from qscorer_reward.scorer import QScorer
+
 from .losses import fidelity as probability_fidelity
 from .losses import thurstone_probability
 

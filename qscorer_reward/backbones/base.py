@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import QScorerConfig
+from qscorer_reward.config import QScorerConfig
 
 
 @dataclass

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import QScorerConfig
-from ..preprocessing import normalize, resize_antialiased
+from qscorer_reward.config import QScorerConfig
+from qscorer_reward.preprocessing import normalize, resize_antialiased
+
 from .base import Backbone, BackboneInputs
 
 MAX_ASPECT_RATIO = 200  # the Qwen-VL processors refuse anything more elongated

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..scorer import QScorer
+from qscorer_reward.scorer import QScorer
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 

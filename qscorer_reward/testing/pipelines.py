@@ -8,12 +8,16 @@ nothing is downloaded. The VAEs carry the real models' latent ``scaling_factor``
 get those right to match the pipeline's own output.
 
 Images are ``TINY_IMAGE_SIZE`` pixels square by default; every model runs on CPU in well under a
-second per step.
+second per step. Needs the ``diffusers`` extra.
 """
 
 from __future__ import annotations
 
 import torch
+
+from qscorer_reward.extras import require_extra
+
+require_extra("diffusers", __name__)
 
 PIPELINE_KINDS = ("sd", "sd_v", "sdxl", "sd3", "flux")
 
