@@ -1,9 +1,9 @@
-"""A small synthetic IQA set whose MOS is a known function of the image, for tests and smoke runs.
+"""A small synthetic IQA set whose MOS is a known function of the image, for the training tests.
 
 Crops of scikit-image's sample photos get one distortion at a random level ``l`` in [0, 1] and the
 score ``mos = 5 - 4 l``: Gaussian noise of std ``0.25 l`` (pixels in [0, 1]) or Gaussian blur of
 std ``2.5 l`` pixels. The images are written as PNG with a manifest, so training reads them
-exactly as it reads a real dataset. (scikit-image is a development dependency; the photos of
+exactly as it reads a real dataset. (scikit-image is a test dependency; the photos of
 scikit-learn and matplotlib are kept out, for independent evaluation.)
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .datasets import IQARecord, write_manifest
+from qscorer_reward.training.data import IQARecord, write_manifest
 
 DISTORTIONS = ("noise", "blur")
 MAX_NOISE_STD = 0.25

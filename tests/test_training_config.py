@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qscorer_reward.training.config import DatasetConfig, LoraSettings, TrainingConfig
-from qscorer_reward.training.synthetic_shard import SyntheticSettings
+from qscorer_reward.training.config import DatasetConfig, LoraSettings, ParameterGroup, TrainingConfig
 
 CONFIGS = Path(__file__).parent.parent / "training" / "configs"
 
@@ -49,7 +48,6 @@ def test_defaults_are_the_released_recipe():
         ({"train_datasets": []}, "at least one dataset"),
         ({"dtype": "float8"}, "dtype must be one of"),
         ({"metric_for_best": "accuracy"}, "metric_for_best must be one of"),
-        ({"optimizer": "sgd"}, "optimizer must be one of"),
         ({"best_dataset": "nope"}, "best_dataset 'nope' is not among the eval_datasets"),
         ({"answer_text": "Score:"}, "must end with answer_text"),
         ({"per_device_batch_size": 0}, "per_device_batch_size must be >= 1"),
@@ -58,12 +56,15 @@ def test_defaults_are_the_released_recipe():
         ({"train_datasets": [DatasetConfig(name="a", path="x", weight=2.0), DatasetConfig(name="b", path="y")]},
          "weight to every training dataset or to none"),
         ({"train_language_model": True}, "set lora to null"),
-        ({"train_datasets": [DatasetConfig(name="s", path="x", format="synthetic_iqa",
-                                           synthetic=SyntheticSettings(length=8, group_size=4))],
-          "per_device_batch_size": 6}, "multiple of the synthetic group_size 4"),
-        ({"train_datasets": [DatasetConfig(name="s", path="x", format="synthetic_iqa",
-                                           synthetic=SyntheticSettings(length=8, group_size=4)),
-                             DatasetConfig(name="m", path="y")]}, "cannot be mixed"),
+        ({"train_datasets": [DatasetConfig(name="s", path="x", group_size=4)], "per_device_batch_size": 6},
+         "multiple of the training datasets' group_size 4"),
+        ({"train_datasets": [DatasetConfig(name="s", path="x", group_size=4), DatasetConfig(name="m", path="y")]},
+         "cannot be mixed"),
+        ({"parameter_groups": [ParameterGroup("a", ["*"]), ParameterGroup("a", start_step=5)]}, "must be unique"),
+        ({"parameter_groups": [ParameterGroup("a"), ParameterGroup("b", start_step=5)]}, "at most one"),
+        ({"parameter_groups": [ParameterGroup("a", ["x.*"], start_step=5)]}, "must start at step 0"),
+        ({"parameter_groups": [ParameterGroup("a", ["x.*"]), ParameterGroup("b", start_step=100)], "max_steps": 100},
+         "start_step 100 must be < max_steps 100"),
     ],
 )  # fmt: skip
 def test_invalid_settings_are_refused(change, message):
@@ -71,27 +72,20 @@ def test_invalid_settings_are_refused(change, message):
         _config(**change)
 
 
-def test_a_vision_probe_only_objective_needs_the_probe():
-    data = _config().to_dict()
-    data["loss"]["vision_probe_only"] = True
-    with pytest.raises(ValueError, match="needs a loss.vision_probe weight"):
-        TrainingConfig.from_dict(data)
-    data["loss"]["vision_probe"] = 1.0
-    assert TrainingConfig.from_dict(data).loss.vision_probe_only
+def test_parameter_groups_round_trip_and_refuse_a_negative_start():
+    groups = [ParameterGroup("head", ["scorer.head.*", "score_token_rows.*"]), ParameterGroup("rest", start_step=50)]
+    config = _config(parameter_groups=groups)
+    assert TrainingConfig.from_dict(config.to_dict()).parameter_groups == groups
+    with pytest.raises(ValueError, match="start_step must be >= 0"):
+        ParameterGroup("late", start_step=-1)
 
 
-def test_a_vision_tower_phase_needs_the_probe_alone_a_vision_side_and_steps_after_it():
-    probe_only = {"loss": {"vision_probe": 1.0, "vision_probe_only": True}, "train_vision_tower": True}
-    data = _config().to_dict() | {"vision_tower_steps": 100}
-    with pytest.raises(ValueError, match="set loss.vision_probe > 0 and loss.vision_probe_only"):
-        TrainingConfig.from_dict(data)
-    with pytest.raises(ValueError, match="needs train_vision_tower or train_merger"):
-        TrainingConfig.from_dict(data | probe_only | {"train_vision_tower": False})
-    with pytest.raises(ValueError, match="vision_tower_steps 100 must be < max_steps 100"):
-        TrainingConfig.from_dict(data | probe_only | {"max_steps": 100})
-    with pytest.raises(ValueError, match="vision_tower_steps must be >= 0"):
-        TrainingConfig.from_dict(data | probe_only | {"vision_tower_steps": -1})
-    assert TrainingConfig.from_dict(data | probe_only | {"max_steps": 101}).vision_tower_steps == 100
+def test_overrides_replace_file_values_and_reach_nested_settings(tmp_path):
+    _config().save(tmp_path / "config.yaml")
+    config = TrainingConfig.from_file(tmp_path / "config.yaml", {"max_steps": 7, "loss.mse": 0.5, "lora.r": 2})
+    assert (config.max_steps, config.loss.mse, config.lora.r) == (7, 0.5, 2)
+    with pytest.raises(ValueError, match=r"config.yaml: unknown setting\(s\) \['loss.msee'\]"):
+        TrainingConfig.from_file(tmp_path / "config.yaml", {"loss.msee": 0.5})
 
 
 @pytest.mark.parametrize(
@@ -101,6 +95,7 @@ def test_a_vision_tower_phase_needs_the_probe_alone_a_vision_side_and_steps_afte
         ({"mos_range": [5, 1]}, "mos_range must be"),
         ({"format": "koniq10k", "mos_range": [1, 5]}, "official readers know theirs"),
         ({"test_fraction": 1.0}, "test_fraction"),
+        ({"group_size": 0}, "group_size must be >= 1"),
     ],
 )
 def test_invalid_dataset_settings_are_refused(settings, message):

@@ -6,11 +6,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from noisy_crops import make_synthetic_dataset
 from PIL import Image
 
 from qscorer_reward.preprocessing import load_image
 from qscorer_reward.training.augment import QualityPreservingAugment
-from qscorer_reward.training.datasets import (
+from qscorer_reward.training.data import (
     IQADataset,
     IQARecord,
     MixtureSampler,
@@ -19,7 +20,6 @@ from qscorer_reward.training.datasets import (
     read_manifest,
     write_manifest,
 )
-from qscorer_reward.training.synthetic import make_synthetic_dataset
 
 
 @pytest.fixture

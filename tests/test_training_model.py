@@ -124,50 +124,52 @@ def test_a_whole_language_model_is_trained_and_exported_without_lora(base_dir, t
     assert torch.allclose(QScorer.from_pretrained(merged)(IMAGES), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("probe_only", [False, True])
-def test_the_vision_probe_reaches_the_tower_and_probe_only_stops_the_score_path_there(base_dir, tmp_path, probe_only):
-    torch.manual_seed(0)
-    scorer = QScorer.from_base_model(base_dir, num_score_tokens=1, max_pixels=112 * 112)
-    parts = TrainableParts(lora=None, vision_tower=True, merger=True, language_model=True, vision_probe=True,
-                           vision_learns_from_probe_only=probe_only)  # fmt: skip
-    model = QScorerForTraining(scorer, parts, answer_token_count(scorer, ANSWER), gradient_checkpointing=False)
-    outputs = model.train()(IMAGES)
-    assert outputs["vision_probe_scores"].shape == (2,) and outputs["vision_probe_scores"].dtype == torch.float32
-    tower = [p for n, p in model.named_parameters() if ".visual." in n]
-    language = [p for n, p in model.named_parameters() if ".language_model.layers." in n]
+class PixelMeanAid(torch.nn.Module):
+    """A training aid for the tests: a score from each image's mean patch, which every forward
+    pass sees in its `BackboneInputs`."""
 
-    outputs["scores"].sum().backward()  # the score path alone
-    assert all(p.grad is not None for p in language)
-    reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in tower]
-    assert not any(reached) if probe_only else all(reached)
-    model.zero_grad(set_to_none=True)
-    model(IMAGES)["vision_probe_scores"].sum().backward()  # the probe reaches the tower either way
-    assert all(p.grad is not None for p in tower) and all(p.grad is None for p in language)
-    # The probe is a training aid: the exported checkpoint has no trace of it and scores the same.
-    directory = save_trained_parts(model, model.state_dict(), tmp_path / f"parts-{probe_only}")
+    def __init__(self, patch_values: int):
+        super().__init__()
+        self.layer = torch.nn.Linear(patch_values, 1)
+
+    def forward(self, inputs):
+        patches = inputs.model_inputs["pixel_values"]
+        counts = inputs.model_inputs["image_grid_thw"].prod(-1).tolist()
+        means = torch.stack([chunk.mean(0) for chunk in patches.split(counts)])
+        return {"aid_scores": self.layer(means.float()).squeeze(-1)}
+
+
+def test_a_training_aid_runs_in_every_forward_trains_and_leaves_no_trace_in_the_export(base_dir, tmp_path):
+    model = _training_model(base_dir, merger=True)
+    model.add_training_aid("pixel_mean", PixelMeanAid(3 * 2 * 14 * 14).to(torch.float64))
+    aid = model.training_aids["pixel_mean"]
+    assert aid.layer.weight.dtype == torch.float32  # trained weights are kept in float32
+    assert "training_aids.pixel_mean.layer.weight" in model.trainable_parameter_names()
+    outputs = model.train()([image.clone() for image in IMAGES])
+    assert outputs["aid_scores"].shape == (2,) and {"scores", "raw_scores", "ce_loss"} <= outputs.keys()
+    outputs["aid_scores"].sum().backward()
+    assert aid.layer.weight.grad is not None
+
+    directory = save_trained_parts(model, model.state_dict(), tmp_path / "parts")
     with torch.no_grad():
         expected = model.eval()([image.clone() for image in IMAGES])["scores"]
-    assert torch.allclose(QScorer.from_pretrained(directory)(IMAGES), expected, atol=1e-5)
+    assert torch.allclose(QScorer.from_pretrained(directory, merge_lora=False)(IMAGES), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("probe_only", [False, True])
-def test_gradient_groups_split_the_parameters_by_the_losses_that_reach_them(base_dir, probe_only):
-    torch.manual_seed(0)
-    scorer = QScorer.from_base_model(base_dir, num_score_tokens=1, max_pixels=112 * 112)
-    parts = TrainableParts(lora=None, vision_tower=True, merger=True, language_model=True, vision_probe=True,
-                           vision_learns_from_probe_only=probe_only)  # fmt: skip
-    model = QScorerForTraining(scorer, parts, answer_token_count(scorer, ANSWER), gradient_checkpointing=False)
-    groups = model.gradient_groups()
-    assert len(groups) == (2 if probe_only else 1)
-    assert sorted(map(id, sum(groups, []))) == sorted(id(p) for p in model.parameters() if p.requires_grad)
-    if not probe_only:
-        return
-    probe_part, score_part = groups
-    model.train()(IMAGES)["scores"].sum().backward()
-    assert all(p.grad is None for p in probe_part) and any(p.grad is not None for p in score_part)
-    model.zero_grad(set_to_none=True)
-    model(IMAGES)["vision_probe_scores"].sum().backward()
-    assert all(p.grad is not None for p in probe_part) and all(p.grad is None for p in score_part)
+def test_a_vision_only_forward_runs_the_tower_without_the_language_model(base_dir):
+    model = _training_model(base_dir, vision=True)
+    tower_calls, language_calls = [], []
+    backbone = model.scorer.backbone.model.model
+    backbone.visual.register_forward_hook(lambda *args: tower_calls.append(1))
+    backbone.language_model.register_forward_hook(lambda *args: language_calls.append(1))
+    with pytest.raises(ValueError, match="vision_only needs a training aid"):
+        model(IMAGES, vision_only=True)
+    model.add_training_aid("pixel_mean", PixelMeanAid(3 * 2 * 14 * 14))
+    with torch.no_grad():
+        full = model(IMAGES)
+        vision_only = model(IMAGES, vision_only=True)
+    assert vision_only.keys() == {"aid_scores"} and len(language_calls) == 1 and len(tower_calls) == 2
+    torch.testing.assert_close(vision_only["aid_scores"], full["aid_scores"])
 
 
 def test_export_loads_with_the_same_scores_including_a_trained_vision_tower(base_dir, tmp_path):
@@ -203,32 +205,3 @@ def test_trained_modules_with_unknown_or_misshaped_tensors_are_refused(base_dir,
     save_file({**tensors, "model.visual.extra.weight": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not in the backbone model"):
         QScorer.from_pretrained(directory)
-
-
-def test_a_vision_only_forward_gives_the_probe_the_same_scores_without_the_language_model(base_dir):
-    torch.manual_seed(0)
-    scorer = QScorer.from_base_model(base_dir, num_score_tokens=1, max_pixels=112 * 112)
-    parts = TrainableParts(lora=None, vision_tower=True, merger=True, language_model=True, vision_probe=True,
-                           vision_learns_from_probe_only=True)  # fmt: skip
-    model = QScorerForTraining(scorer, parts, answer_token_count(scorer, ANSWER), gradient_checkpointing=False).eval()
-    calls = []
-    scorer.backbone.model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
-    with torch.no_grad():
-        full = model(IMAGES)
-        assert len(calls) == 1
-        vision_only = model(IMAGES, vision_only=True)
-    assert len(calls) == 1 and vision_only.keys() == {"vision_probe_scores"}
-    torch.testing.assert_close(vision_only["vision_probe_scores"], full["vision_probe_scores"])
-    # The probe's loss reaches every vision-side parameter, and nothing else.
-    model.train()(IMAGES, vision_only=True)["vision_probe_scores"].sum().backward()
-    with_gradients = {id(p) for p in model.parameters() if p.grad is not None}
-    assert with_gradients == {id(p) for p in model.vision_parameters()}
-
-    without_probe = QScorerForTraining(
-        QScorer.from_base_model(base_dir, num_score_tokens=1, max_pixels=112 * 112),
-        TrainableParts(lora=None, vision_tower=True),
-        answer_token_count(scorer, ANSWER),
-        gradient_checkpointing=False,
-    )
-    with pytest.raises(ValueError, match="vision_only needs the vision probe"):
-        without_probe(IMAGES, vision_only=True)

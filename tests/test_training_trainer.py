@@ -1,6 +1,7 @@
 """The trainer for real: it learns a known quality function, runs under `accelerate launch` with two
 processes, resumes a killed run to the same weights, never leaves a checkpoint that looks complete
-half-written, skips and reports unreadable images, and the CLI trains and evaluates."""
+half-written, skips and reports unreadable images, trains parameter groups on their own schedules,
+and the CLI trains and evaluates."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from noisy_crops import make_synthetic_dataset
 from PIL import Image
 from safetensors.torch import load_file
 from scipy.stats import spearmanr
@@ -21,10 +23,15 @@ from scipy.stats import spearmanr
 from qscorer_reward import QScorer
 from qscorer_reward.cli import main
 from qscorer_reward.testing import tiny_backbone_config, tiny_base_model, tiny_tokenizer
-from qscorer_reward.training.config import AugmentSettings, DatasetConfig, LoraSettings, LossWeights, TrainingConfig
-from qscorer_reward.training.datasets import read_manifest, write_manifest
-from qscorer_reward.training.optimizers import MuonWithAdamW
-from qscorer_reward.training.synthetic import make_synthetic_dataset
+from qscorer_reward.training.config import (
+    AugmentSettings,
+    DatasetConfig,
+    LoraSettings,
+    LossWeights,
+    ParameterGroup,
+    TrainingConfig,
+)
+from qscorer_reward.training.data import read_manifest, write_manifest
 from qscorer_reward.training.trainer import ScoreTokenTrainer
 
 TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]
@@ -148,53 +155,6 @@ def test_tiny_scorer_learns_a_known_quality_function(trained_run, noise_data):
         report["held-out"]["srcc"]
     )
     assert (output_dir / "best" / "qscorer_config.json").is_file()
-
-
-@pytest.mark.slow
-def test_the_default_models_setup_learns_it_with_the_tower_taught_by_the_probe(learnable_base, noise_data, tmp_path):
-    # As qscorer-tiny trains: whole language model, no LoRA, the tower learning from the vision
-    # probe alone, each part's gradients clipped on their own.
-    config = learning_config(
-        learnable_base,
-        noise_data,
-        tmp_path / "out",
-        lora=None,
-        train_language_model=True,
-        loss=LossWeights(mse=1.0, ce=0.05, vision_probe=1.0, vision_probe_only=True),
-    )
-    report = ScoreTokenTrainer(config).train()
-    assert report["held-out"]["srcc"] >= 0.9, report
-    assert held_out_srcc(tmp_path / "out" / "final", noise_data[1]) >= 0.9
-    probe_losses = [record["vision_probe"] for record in log_events(tmp_path / "out", "train")]
-    assert probe_losses[-1] < 0.3 * probe_losses[0]
-
-
-def test_probe_only_runs_clip_the_tower_and_the_score_path_separately(tiny_base, small_data, tmp_path, monkeypatch):
-    # Clipped as one vector, the language model's large gradients would shrink the tower's too.
-    config = resumable_config(
-        tiny_base, small_data, tmp_path / "out", lora=None, train_vision_tower=True, train_language_model=True,
-        loss=LossWeights(mse=1.0, ce=0.05, vision_probe=1.0, vision_probe_only=True), max_steps=1,
-        gradient_accumulation_steps=1, gradient_checkpointing=False, save_steps=None, max_grad_norm=0.01,
-    )  # fmt: skip
-    gradients_at_step = {}
-    adamw_step = torch.optim.AdamW.step
-
-    def keep_gradients(optimizer, *args, **kwargs):
-        for group in optimizer.param_groups:
-            gradients_at_step.update({id(p): p.grad.clone() for p in group["params"] if p.grad is not None})
-        return adamw_step(optimizer, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", keep_gradients)
-    trainer = ScoreTokenTrainer(config)
-    trainer.train(resume=None)
-
-    norms = {}
-    for name, param in trainer.prepared.named_parameters():
-        if id(param) in gradients_at_step:
-            part = "probe" if ".visual." in f".{name}" or name.startswith("vision_probe.") else "score"
-            norms[part] = norms.get(part, 0.0) + float(gradients_at_step[id(param)].pow(2).sum())
-    assert norms["score"] ** 0.5 == pytest.approx(0.01, rel=1e-3)
-    assert norms["probe"] ** 0.5 == pytest.approx(0.01, rel=1e-3)
 
 
 @pytest.mark.slow
@@ -436,127 +396,97 @@ def test_cli_eval_requires_a_root_for_an_official_dataset(capsys):
     assert "--dataset needs --root" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------ a vision-tower phase first
+# ------------------------------------------------------------------------ parameter groups
 
 
-def tower_first_config(base, manifest, output_dir, **overrides) -> TrainingConfig:
-    """A run of 6 steps whose first 3 train only the vision side (as qscorer-tiny's recipe)."""
+def staged_config(base, manifest, output_dir, start_step=3, **overrides) -> TrainingConfig:
+    """A run of 6 steps whose first ``start_step`` train only the head and the score-token rows
+    (linear probing), after which the LoRA adapter and the merger join (fine-tuning)."""
+    groups = [
+        ParameterGroup("head", ["scorer.head.*", "score_token_rows.*"]),
+        ParameterGroup("rest", start_step=start_step),
+    ]
     settings = dict(
-        lora=None, train_vision_tower=True, train_language_model=True, vision_tower_steps=3, max_steps=6,
-        loss=LossWeights(mse=1.0, ce=0.05, fidelity=0.1, vision_probe=1.0, vision_probe_only=True),
-        gradient_checkpointing=False, logging_steps=1, warmup_ratio=0.0,
-    )  # fmt: skip
+        parameter_groups=groups, max_steps=6, logging_steps=1, warmup_ratio=0.0, gradient_checkpointing=False
+    )
     return resumable_config(base, manifest, output_dir, **(settings | overrides))
 
 
-def is_vision_side(name: str) -> bool:
-    return ".visual." in f".{name}" or name.startswith("vision_probe.")
+def is_head(name: str) -> bool:
+    return name.startswith(("scorer.head.", "score_token_rows."))
 
 
-def test_vision_tower_steps_train_the_vision_side_alone_then_everything(tiny_base, small_data, tmp_path, monkeypatch):
-    steps = []  # per optimizer step: ids of the parameters with gradients, and each group's lr
+def test_a_later_group_is_frozen_until_it_starts_then_follows_its_own_schedule_and_clipping(
+    tiny_base, small_data, tmp_path, monkeypatch
+):
+    steps = []  # per optimizer step: the gradients it applies, each group's lr, the parameters with state
     adamw_step = torch.optim.AdamW.step
 
     def record(optimizer, *args, **kwargs):
-        with_gradients = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
-        steps.append((with_gradients, {group["phase"]: group["lr"] for group in optimizer.param_groups}))
+        gradients = {id(p): p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
+        rates = {group["group"]: group["lr"] for group in optimizer.param_groups}
+        steps.append((gradients, rates, {id(p) for p in optimizer.state}))
         return adamw_step(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", record)
-    config = tower_first_config(tiny_base, small_data, tmp_path / "out", save_steps=None)
+    config = staged_config(tiny_base, small_data, tmp_path / "out", save_steps=None, max_grad_norm=0.01,
+                           eval_datasets=[DatasetConfig(name="small", path=str(small_data))], eval_steps=1)  # fmt: skip
     trainer = ScoreTokenTrainer(config)
-    language_model_calls = []
-    trainer_build = trainer._build_model
-
-    def build_and_watch():
-        model = trainer_build()
-        language_model = model.scorer.backbone.model.model.language_model
-        language_model.register_forward_hook(lambda *args: language_model_calls.append(1))
-        return model
-
-    monkeypatch.setattr(trainer, "_build_model", build_and_watch)
     trainer.train(resume=None)
 
     names = {id(param): name for name, param in trainer.prepared.named_parameters()}
-    vision = {i for i, name in names.items() if is_vision_side(name)}
+    head = {i for i, name in names.items() if is_head(name)}
     assert len(steps) == 6
-    for with_gradients, rates in steps[:3]:
-        assert with_gradients and with_gradients <= vision
-        assert rates["vision"] > 0 and rates["language"] == 0
-    for with_gradients, rates in steps[3:]:
-        assert with_gradients & vision and with_gradients - vision
-        assert rates["vision"] > 0 and rates["language"] > 0
-    # The language side's schedule starts at the switch: a cosine over 3 steps without warm-up.
-    assert steps[3][1]["language"] == pytest.approx(config.learning_rate)
-    # The language model ran in the last 3 steps only, once per micro-batch (no evaluation here).
-    assert len(language_model_calls) == 3 * config.gradient_accumulation_steps == 6
-    records = log_events(tmp_path / "out", "train")
-    assert [("mse" in r, "vision_probe" in r) for r in records] == [(False, True)] * 3 + [(True, True)] * 3
-    assert {"lr_vision", "lr_language"} <= records[0].keys()
+    for gradients, rates, with_state in steps[:3]:
+        # The LoRA adapter's gradients are dropped: no update and no optimizer state before it starts.
+        assert gradients and gradients.keys() <= head and with_state <= head
+        assert rates["head"] > 0 and rates["rest"] == 0
+    for gradients, rates, _ in steps[3:]:
+        assert gradients.keys() & head and gradients.keys() - head
+        assert rates["head"] > 0 and rates["rest"] > 0
+        # Each group is clipped on its own (both start far above 0.01).
+        for part in (head, gradients.keys() - head):
+            norm = sum(float(gradients[i].pow(2).sum()) for i in part) ** 0.5
+            assert norm == pytest.approx(0.01, rel=1e-3)
+    # The later group's schedule starts when it does: a cosine over 3 steps without warm-up.
+    assert steps[3][1]["rest"] == pytest.approx(config.learning_rate)
+    assert {"lr_head", "lr_rest"} <= log_events(tmp_path / "out", "train")[0].keys()
+    # Evaluation waits until every group has started.
+    assert [event["step"] for event in log_events(tmp_path / "out", "eval")] == [4, 5, 6]
 
 
-def test_muon_updates_the_hidden_matrices_and_adamw_the_rest(tiny_base, small_data, tmp_path, monkeypatch):
-    steps = []  # per optimizer step: {parameter id: (Muon?, phase, lr)} of the parameters with gradients
-    muon_step = MuonWithAdamW.step
-
-    def record(optimizer, *args, **kwargs):
-        steps.append({id(p): (group["muon"], group["phase"], group["lr"])
-                      for group in optimizer.param_groups for p in group["params"] if p.grad is not None})  # fmt: skip
-        return muon_step(optimizer, *args, **kwargs)
-
-    monkeypatch.setattr(MuonWithAdamW, "step", record)
-    trainer = ScoreTokenTrainer(tower_first_config(tiny_base, small_data, tmp_path / "out", optimizer="muon",
-                                                   save_steps=None))  # fmt: skip
-    trainer.train(resume=None)
-
-    parameters = dict(trainer.prepared.named_parameters())
-    updates = {name: steps[-1][id(param)] for name, param in parameters.items() if id(param) in steps[-1]}
-    by_muon = {name for name, (is_muon, _, _) in updates.items() if is_muon}
-    assert by_muon == {name for name in updates if name.endswith(".weight") and parameters[name].ndim == 2
-                       and min(parameters[name].shape) > 1 and not name.startswith("score_token_rows.")}  # fmt: skip
-    assert any(".visual.blocks.0.attn.qkv." in name for name in by_muon)
-    assert any(".language_model.layers.0.mlp." in name for name in by_muon)
-    for name in ("scorer.head.mlp.4.weight", "score_token_rows.input_rows", "vision_probe.layers.2.weight"):
-        assert name in updates and name not in by_muon
-    assert any("patch_embed" in name for name in updates.keys() - by_muon)
-    # The phases hold for both rules: the tower steps update the vision side alone.
-    vision = {id(param) for name, param in parameters.items() if is_vision_side(name)}
-    assert all(steps[i].keys() <= vision for i in range(3))
-    assert {(is_muon, phase) for is_muon, phase, lr in steps[-1].values() if lr > 0} == {
-        (True, "vision"),
-        (False, "vision"),
-        (True, "language"),
-        (False, "language"),
-    }
+def test_trained_parameters_outside_every_group_are_refused(tiny_base, small_data, tmp_path):
+    groups = [ParameterGroup("head", ["scorer.head.*"])]
+    with pytest.raises(ValueError, match=r"trained parameters belong to no parameter group \(e.g. \['scorer.backbone"):
+        ScoreTokenTrainer(staged_config(tiny_base, small_data, tmp_path / "out", parameter_groups=groups)).train()
 
 
 @pytest.mark.parametrize(
-    ("vision_tower_steps", "resumed_at", "optimizer"),
-    [(3, 2, "adamw"), (3, 4, "adamw"), (4, 4, "adamw"), (3, 4, "muon")],
-    ids=["inside-the-tower-phase", "after-the-switch", "at-the-switch", "muon-after-the-switch"],
+    ("start_step", "resumed_at"),
+    [(3, 2), (3, 4), (4, 4)],
+    ids=["before-the-start", "after-the-start", "at-the-start"],
 )
-def test_a_phased_run_resumed_anywhere_ends_as_the_uninterrupted_one(
-    tiny_base, small_data, tmp_path, vision_tower_steps, resumed_at, optimizer
+def test_a_staged_run_resumed_anywhere_ends_as_the_uninterrupted_one(
+    tiny_base, small_data, tmp_path, start_step, resumed_at
 ):
-    settings = dict(vision_tower_steps=vision_tower_steps, save_steps=2, optimizer=optimizer)
-    uninterrupted = tower_first_config(tiny_base, small_data, tmp_path / "uninterrupted", save_total_limit=None,
-                                       **settings)  # fmt: skip
+    settings = dict(start_step=start_step, save_steps=2)
+    uninterrupted = staged_config(tiny_base, small_data, tmp_path / "uninterrupted", save_total_limit=None, **settings)
     ScoreTokenTrainer(uninterrupted).train(resume=None)
-    resumed = tower_first_config(tiny_base, small_data, tmp_path / "resumed", **settings)
+    resumed = staged_config(tiny_base, small_data, tmp_path / "resumed", **settings)
     checkpoint = f"step-{resumed_at:08d}"
     shutil.copytree(
         tmp_path / "uninterrupted" / "checkpoints" / checkpoint, tmp_path / "resumed" / "checkpoints" / checkpoint
     )
     ScoreTokenTrainer(resumed).train()
     assert log_events(tmp_path / "resumed", "resumed")[0]["step"] == resumed_at
-    # No LoRA: the tower and language model are trained whole (trained_modules).
-    files = ("head.safetensors", "score_tokens.safetensors", "trained_modules.safetensors")
-    assert_same_tensors(final_tensors(tmp_path / "resumed", files), final_tensors(tmp_path / "uninterrupted", files))
+    assert_same_tensors(final_tensors(tmp_path / "resumed"), final_tensors(tmp_path / "uninterrupted"))
 
 
-def test_resuming_with_another_vision_tower_phase_is_refused(tiny_base, small_data, tmp_path):
-    ScoreTokenTrainer(tower_first_config(tiny_base, small_data, tmp_path / "out", max_steps=2, vision_tower_steps=1,
-                                         save_steps=2)).train(resume=None)  # fmt: skip
-    longer_phase = tower_first_config(tiny_base, small_data, tmp_path / "out", max_steps=4, vision_tower_steps=3)
-    with pytest.raises(ValueError, match="vision_tower_steps: 1 then, 3 now"):
-        ScoreTokenTrainer(longer_phase).train()
+def test_resuming_with_other_parameter_groups_is_refused(tiny_base, small_data, tmp_path):
+    ScoreTokenTrainer(staged_config(tiny_base, small_data, tmp_path / "out", start_step=1, max_steps=2,
+                                    save_steps=2)).train(resume=None)  # fmt: skip
+    later_start = staged_config(tiny_base, small_data, tmp_path / "out", start_step=3, max_steps=4)
+    with pytest.raises(
+        ValueError, match=r"parameter_groups: \[.*'start_step': 1\}\] then, \[.*'start_step': 3\}\] now"
+    ):
+        ScoreTokenTrainer(later_start).train()

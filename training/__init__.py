@@ -1,9 +1,10 @@
-"""Training with Q-Scorer: score-token fine-tuning and reward fine-tuning of diffusion models.
+"""Score-token fine-tuning of a Q-Scorer (``docs/training.md``); needs the ``train`` extra.
 
-Score-token fine-tuning (``docs/training.md``): `TrainingConfig` describes a run,
-`ScoreTokenTrainer` runs it (``qscorer train --config FILE.yaml``); the pieces live in
-``datasets`` (manifests, records, sampling), ``official`` (readers of the IQA releases),
-``losses``, ``metrics``, ``model``, ``evaluation``, ``export``, ``augment`` and ``synthetic``.
+`TrainingConfig` describes a run, `ScoreTokenTrainer` runs it (``qscorer train --config FILE.yaml``),
+`TrainerCallback` s extend it from code; the pieces live in ``data`` (records, manifests, the
+dataset and sampler), ``official`` (readers of the IQA releases), ``losses``, ``metrics``,
+``model``, ``evaluation``, ``export`` and ``augment``. ``pairwise`` trains on image preferences
+with TRL (the ``trl`` extra).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ _EXPORTS = {
     "LoraSettings": ".config",
     "LossWeights": ".config",
     "AugmentSettings": ".config",
+    "ParameterGroup": ".config",
     "ScoreTokenTrainer": ".trainer",
-    "IQARecord": ".datasets",
-    "read_manifest": ".datasets",
-    "write_manifest": ".datasets",
+    "TrainerCallback": ".callbacks",
+    "IQARecord": ".data",
+    "read_manifest": ".data",
+    "write_manifest": ".data",
     "OFFICIAL_READERS": ".official",
     "iqa_metrics": ".metrics",
 }

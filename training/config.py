@@ -1,30 +1,21 @@
 """`TrainingConfig`: everything a score-token fine-tuning run needs, round-tripping YAML and JSON.
 
-Unknown keys are refused, naming where they are (``train_datasets[0].wieght``), so a typo in a
-hand-written file is an error rather than a silently ignored setting. Paths are used as written:
-relative ones are relative to the working directory.
+Read and written by `qscorer_reward.config_files` (unknown keys refused, naming where they are, e.g.
+``train_datasets[0].wieght``; ``KEY=VALUE`` overrides). Paths are used as written: relative ones
+are relative to the working directory.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
-import typing
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from qscorer_reward.config import QWEN_PROMPT_TEMPLATE
-
-from .synthetic_shard import SyntheticSettings
+from qscorer_reward.config import DTYPES, QWEN_PROMPT_TEMPLATE
+from qscorer_reward.config_files import config_from_dict, config_to_dict, load_config, save_config
 
 DATASET_FORMATS = ("manifest", "koniq10k", "spaq", "kadid10k", "livec", "agiqa3k", "csiq")
-# Generated rather than read: the samples of `SyntheticIQADataset`, cached as a shard on disk.
-SYNTHETIC_FORMAT = "synthetic_iqa"
-DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 METRICS = ("srcc", "plcc", "krcc", "rmse")
-OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -33,11 +24,9 @@ class DatasetConfig:
 
     Attributes:
         name: label in logs and reports (unique within a run).
-        path: a manifest file (``format: manifest``), the folder an official release was unpacked
-            into (see `qscorer_reward.training.official`), or the folder of a synthetic shard
-            (``format: synthetic_iqa``, written there when the run starts if it is not there yet).
-        format: ``manifest`` or the official reader's name (`DATASET_FORMATS`), or ``synthetic_iqa``
-            (`SYNTHETIC_FORMAT`).
+        path: a manifest file (``format: manifest``) or the folder an official release was unpacked
+            into (see `qscorer_reward.training.official`).
+        format: ``manifest`` or the official reader's name (`DATASET_FORMATS`).
         split: keep only the records of this split (``train``, ``val``, ``test``); ``None`` keeps all.
         weight: sampling weight among the training datasets (see `MixtureSampler`); give it to all
             training datasets or to none (then every image is seen once per epoch).
@@ -48,8 +37,9 @@ class DatasetConfig:
         test_fraction: for a dataset without an official split, the fraction labelled ``test``
             by a seeded, content-grouped random split (then select it with ``split``).
         split_seed: seed of that random split.
-        synthetic: ``format: synthetic_iqa`` only: the synthetic samples the shard holds
-            (`SyntheticSettings`: ``length``, ``seed``, ``size``, ``distortions``...).
+        group_size: training only: every ``group_size`` consecutive records form a group that
+            batches keep whole (e.g. an undistorted image and its distorted versions, which the
+            ranking losses then compare); the dataset's size must be a multiple of it.
     """
 
     name: str
@@ -61,14 +51,13 @@ class DatasetConfig:
     mos_range: tuple[float, float] | None = None
     test_fraction: float | None = None
     split_seed: int = 0
-    synthetic: SyntheticSettings | None = None
+    group_size: int = 1
 
     def __post_init__(self) -> None:
-        formats = (*DATASET_FORMATS, SYNTHETIC_FORMAT)
-        if self.format not in formats:
-            raise ValueError(f"dataset {self.name!r}: format must be one of {formats}, got {self.format!r}")
-        if (self.format == SYNTHETIC_FORMAT) != (self.synthetic is not None):
-            raise ValueError(f"dataset {self.name!r}: format synthetic_iqa needs the synthetic settings, and only it")
+        if self.format not in DATASET_FORMATS:
+            raise ValueError(f"dataset {self.name!r}: format must be one of {DATASET_FORMATS}, got {self.format!r}")
+        if self.group_size < 1:
+            raise ValueError(f"dataset {self.name!r}: group_size must be >= 1, got {self.group_size}")
         if self.weight is not None and self.weight < 0:
             raise ValueError(f"dataset {self.name!r}: weight must be >= 0, got {self.weight}")
         if self.mos_range is not None:
@@ -99,17 +88,7 @@ class LossWeights:
 
     The released recipe is MSE + 0.05 x score-token cross-entropy. ``fidelity_std`` is the std
     assumed for an image whose MOS std is unknown; ``ranking_margin`` the hinge margin (MOS units).
-
-    ``vision_probe``: weight of an auxiliary MSE of a small head on the image tokens' mean (the
-    merger's output), for a vision tower trained from scratch: it gives the tower a short gradient
-    path while the language model learns to read it. Training only; not part of the checkpoint.
-    ``vision_probe_only``: the tower learns from the probe alone (the score losses stop at its
-    output, training the language model, score token and head on top of it); the two parts'
-    gradients are then clipped separately (`QScorerForTraining.gradient_groups`).
-    ``local_fidelity``: weight of a dense auxiliary MSE beside the probe: a second small head
-    predicts, for every image token, the local SSIM and colour fidelity of its region against the
-    undistorted image (`qscorer_reward.training.local_fidelity`); needs ``vision_probe`` and a
-    ``reference`` for every training record (a grouped synthetic shard has them). Training only.
+    Code can add terms of its own (`qscorer_reward.training.callbacks.TrainerCallback.loss_terms`).
     """
 
     mse: float = 1.0
@@ -117,17 +96,8 @@ class LossWeights:
     plcc: float = 0.0
     fidelity: float = 0.0
     ranking: float = 0.0
-    vision_probe: float = 0.0
-    vision_probe_only: bool = False
-    local_fidelity: float = 0.0
     fidelity_std: float = 1.0
     ranking_margin: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.vision_probe_only and not self.vision_probe:
-            raise ValueError("loss.vision_probe_only needs a loss.vision_probe weight > 0 (the tower learns from it)")
-        if self.local_fidelity and not self.vision_probe:
-            raise ValueError("loss.local_fidelity needs a loss.vision_probe weight > 0 (its head is the probe's)")
 
 
 @dataclass
@@ -148,6 +118,28 @@ class AugmentSettings:
 
 
 @dataclass
+class ParameterGroup:
+    """A named part of the trained parameters with its own learning-rate schedule and clipping.
+
+    ``parameters``: shell-style patterns (`fnmatch`) over the names of the training model's
+    parameters (`QScorerForTraining.named_parameters`, e.g. ``"scorer.head.*"``,
+    ``"*.visual.*"``); a trained parameter belongs to the first group with a matching pattern, and
+    a group with no patterns takes every trained parameter no other group takes.
+    ``start_step``: the group is frozen for the first ``start_step`` optimizer steps (its
+    parameters get no update and no optimizer state), then follows the run's schedule (warm-up and
+    decay) over the steps that remain; 0 starts with the run.
+    """
+
+    name: str
+    parameters: list[str] = field(default_factory=list)
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.start_step < 0:
+            raise ValueError(f"parameter group {self.name!r}: start_step must be >= 0, got {self.start_step}")
+
+
+@dataclass
 class TrainingConfig:
     """A score-token fine-tuning run (defaults: the released recipe, see ``docs/training.md``).
 
@@ -161,17 +153,13 @@ class TrainingConfig:
     scratch; excludes ``lora``). ``head_learning_rate`` applies to the head, ``learning_rate`` to
     everything else.
 
-    ``vision_tower_steps`` (with ``loss.vision_probe_only``): the first this many optimizer steps
-    run and train only the vision tower, its merger and the vision probe, without the language
-    model (for the default model's base about 60% of a full step's cost); the language model,
-    score token and head train from then on, with their own warm-up and schedule over the
-    remaining steps, while the vision side's schedule spans the whole run. Single process or DDP.
+    ``parameter_groups`` (`ParameterGroup`) split the trained parameters into named groups, each
+    clipped to ``max_grad_norm`` on its own and each with its own start: e.g. the head alone
+    first, the LoRA adapter from step 500 on. None: one group, clipped as a whole.
 
-    Optimisation: ``optimizer`` (``"adamw"``, or ``"muon"``: `MuonWithAdamW`, Muon for the hidden
-    weight matrices and AdamW for the rest, at the same learning rates), ``lr_scheduler`` (a
-    transformers schedule name) with linear warmup over ``warmup_ratio`` of the steps,
-    ``num_epochs`` epochs unless ``max_steps`` is set; a step is ``per_device_batch_size x
-    gradient_accumulation_steps x processes`` images.
+    Optimisation: AdamW, ``lr_scheduler`` (a transformers schedule name) with linear warmup over
+    ``warmup_ratio`` of the steps, ``num_epochs`` epochs unless ``max_steps`` is set; a step is
+    ``per_device_batch_size x gradient_accumulation_steps x processes`` images.
     ``mixed_precision`` (``no`` / ``bf16`` / ``fp16``): ``None`` takes ``accelerate launch``'s.
 
     Evaluation every ``eval_steps`` optimizer steps (``None``: at each epoch's end) on
@@ -199,7 +187,7 @@ class TrainingConfig:
     train_vision_tower: bool = False
     train_merger: bool = False
     train_language_model: bool = False
-    vision_tower_steps: int = 0
+    parameter_groups: list[ParameterGroup] = field(default_factory=list)
     loss: LossWeights = field(default_factory=LossWeights)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     # optimisation
@@ -207,7 +195,6 @@ class TrainingConfig:
     max_steps: int | None = None
     per_device_batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    optimizer: str = "adamw"
     learning_rate: float = 2e-5
     head_learning_rate: float | None = None
     weight_decay: float = 0.0
@@ -263,27 +250,12 @@ class TrainingConfig:
         group_size = self.training_group_size()
         if self.per_device_batch_size % group_size:
             raise ValueError(
-                f"per_device_batch_size {self.per_device_batch_size} must be a multiple of the synthetic "
-                f"group_size {group_size} (batches hold whole groups)"
+                f"per_device_batch_size {self.per_device_batch_size} must be a multiple of the training "
+                f"datasets' group_size {group_size} (batches hold whole groups)"
             )
         if self.train_language_model and self.lora is not None:
             raise ValueError("train_language_model trains the language model's weights whole: set lora to null")
-        if self.vision_tower_steps < 0:
-            raise ValueError(f"vision_tower_steps must be >= 0, got {self.vision_tower_steps}")
-        if self.vision_tower_steps:
-            if not self.loss.vision_probe_only:
-                raise ValueError(
-                    "vision_tower_steps trains the vision tower from the vision probe alone: "
-                    "set loss.vision_probe > 0 and loss.vision_probe_only: true"
-                )
-            if not (self.train_vision_tower or self.train_merger):
-                raise ValueError(
-                    "vision_tower_steps needs train_vision_tower or train_merger (the vision side it trains)"
-                )
-            if self.max_steps is not None and self.vision_tower_steps >= self.max_steps:
-                raise ValueError(f"vision_tower_steps {self.vision_tower_steps} must be < max_steps {self.max_steps}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        self._check_parameter_groups()
         if self.learning_rate <= 0 or (self.head_learning_rate is not None and self.head_learning_rate <= 0):
             raise ValueError("learning rates must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -292,97 +264,43 @@ class TrainingConfig:
             raise ValueError("num_epochs must be > 0 unless max_steps is set")
 
     def training_group_size(self) -> int:
-        """How many consecutive training images form a group that batches keep whole: the
-        synthetic shards' ``group_size`` (1: no groups). Raises `ValueError` for a mixture."""
-        sizes = {d.synthetic.group_size if d.synthetic is not None else 1 for d in self.train_datasets}
+        """How many consecutive training images form a group that batches keep whole (the
+        datasets' ``group_size``; 1: no groups). Raises `ValueError` for datasets that differ."""
+        sizes = {d.group_size for d in self.train_datasets}
         if len(sizes) > 1:
-            raise ValueError("training datasets with synthetic group_size > 1 cannot be mixed with others")
+            raise ValueError(f"training datasets with different group_size {sorted(sizes)} cannot be mixed")
         return sizes.pop()
+
+    def _check_parameter_groups(self) -> None:
+        names = [group.name for group in self.parameter_groups]
+        if len(set(names)) < len(names):
+            raise ValueError(f"parameter group names must be unique, got {names}")
+        if sum(not group.parameters for group in self.parameter_groups) > 1:
+            raise ValueError("at most one parameter group may leave out its parameters (it takes the rest)")
+        if self.parameter_groups and min(group.start_step for group in self.parameter_groups) > 0:
+            raise ValueError("some parameter group must start at step 0 (else the first steps train nothing)")
+        for group in self.parameter_groups:
+            if self.max_steps is not None and group.start_step >= self.max_steps:
+                raise ValueError(
+                    f"parameter group {group.name!r}: start_step {group.start_step} must be < max_steps "
+                    f"{self.max_steps}"
+                )
 
     # ------------------------------------------------------------------ serialisation
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainingConfig:
-        return _build(cls, data, "")
+        return config_from_dict(cls, data)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write as YAML (``.yaml`` / ``.yml``) or JSON (otherwise)."""
-        path = Path(path)
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-        else:
-            text = json.dumps(self.to_dict(), indent=2) + "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        save_config(self, path)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> TrainingConfig:
-        """Read a YAML or JSON file written by `save` or by hand."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config {path} not found")
-        text = path.read_text()
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as err:  # yaml.YAMLError or json.JSONDecodeError, with the position in the file
-            raise ValueError(f"{path}: cannot parse ({err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from err
-
-
-def _plain(value):
-    """Tuples as lists, recursively (YAML and JSON have lists)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _build(cls, data, where: str):
-    """``cls(**data)`` with nested dataclasses built from dicts and unknown keys refused."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown setting(s) {[f'{where}{k}' for k in unknown]}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _convert(hints[name], value, f"{where}{name}") for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required setting is missing
-        raise ValueError(f"{where or 'config'}: {err}") from err
-
-
-def _convert(hint, value, where: str):
-    if value is None:
-        return None
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for option in options:
-        if dataclasses.is_dataclass(option):
-            return _build(option, value, f"{where}.")
-        if (
-            typing.get_origin(option) is list
-            and typing.get_args(option)
-            and dataclasses.is_dataclass(typing.get_args(option)[0])
-        ):
-            if not isinstance(value, list):
-                raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
-            item = typing.get_args(option)[0]
-            return [_build(item, entry, f"{where}[{index}].") for index, entry in enumerate(value)]
-    return value
+    def from_file(cls, path: str | os.PathLike, overrides: dict | None = None) -> TrainingConfig:
+        """Read a YAML or JSON file written by `save` or by hand, with ``overrides`` applied
+        (``{"max_steps": 10, "loss.mse": 0.5}``; see `qscorer_reward.config_files`)."""
+        return load_config(cls, path, overrides)

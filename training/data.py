@@ -10,8 +10,6 @@ mos         yes       mean opinion score (on 1..5, or give the dataset's ``mos_r
 mos_std     no        standard deviation of the opinion scores, same scale as ``mos``
 split       no        ``train`` / ``val`` / ``test`` (any label; selected with ``split=``)
 group       no        content id (e.g. the reference image) kept on one side of random splits
-reference   no        the undistorted image it was made from (same size), for
-                      full-reference training aids (``loss.local_fidelity``)
 ==========  ========  ===================================================================
 
 Other columns are ignored. MOS are rescaled to 1..5 as the paper does,
@@ -36,7 +34,7 @@ from PIL import Image
 from qscorer_reward.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, load_image
 
 MOS_SCALE = (1.0, 5.0)
-MANIFEST_COLUMNS = ("image", "mos", "mos_std", "split", "group", "reference")
+MANIFEST_COLUMNS = ("image", "mos", "mos_std", "split", "group")
 REQUIRED_COLUMNS = ("image", "mos")
 
 
@@ -50,7 +48,6 @@ class IQARecord:
         mos_std: standard deviation of the opinions on the same scale, or ``None`` if unknown.
         split: the dataset's split label (``"train"``, ``"val"``, ``"test"``...) or ``None``.
         group: content id (e.g. the reference image of a distorted one) or ``None``.
-        reference: the undistorted image this one was made from (same size), or ``None``.
     """
 
     path: Path
@@ -58,7 +55,6 @@ class IQARecord:
     mos_std: float | None = None
     split: str | None = None
     group: str | None = None
-    reference: Path | None = None
 
 
 def rescale_mos(value: float, mos_range: tuple[float, float], higher_is_better: bool = True) -> float:
@@ -111,16 +107,13 @@ def read_manifest(
             raise ValueError(
                 f"{where}: mos {mos} is outside 1..5; give the dataset's mos_range (e.g. [0, 100]) to rescale it"
             )
-        image = Path(str(row["image"]))
-        reference = _text(row.get("reference"))
         records.append(
             IQARecord(
-                path=root / image,  # an absolute image path replaces the root
+                path=root / Path(str(row["image"])),  # an absolute image path replaces the root
                 mos=mos,
                 mos_std=std,
                 split=_text(row.get("split")),
                 group=_text(row.get("group")),
-                reference=None if reference is None else root / reference,
             )
         )
     return records
@@ -182,7 +175,6 @@ def write_manifest(records: Sequence[IQARecord], path: str | os.PathLike) -> Pat
     path = Path(path)
     rows = []
     for record in records:
-        reference = None if record.reference is None else _relative_to(record.reference, path.parent).as_posix()
         rows.append(
             {
                 "image": _relative_to(record.path, path.parent).as_posix(),
@@ -190,7 +182,6 @@ def write_manifest(records: Sequence[IQARecord], path: str | os.PathLike) -> Pat
                 "mos_std": record.mos_std,
                 "split": record.split,
                 "group": record.group,
-                "reference": reference,
             }
         )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,11 +263,6 @@ class IQADataset(torch.utils.data.Dataset):
 
     ``augment(pixels, rng)`` (optional) is applied with a generator seeded by ``(seed, epoch, i)``,
     so an item is the same whenever it is drawn in an epoch, in any process, on a resumed run too.
-
-    With ``with_references`` every record needs a ``reference`` image of its own size; the item
-    then also holds ``reference`` (uint8 ``[3, H, W]``, augmented exactly as ``pixels``) and
-    ``reference_path``. A record whose reference cannot be read or differs in size is skipped as an
-    unreadable image is.
     """
 
     def __init__(
@@ -285,18 +271,9 @@ class IQADataset(torch.utils.data.Dataset):
         augment=None,
         seed: int = 0,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        with_references: bool = False,
     ):
         if not records:
             raise ValueError("an IQADataset needs at least one record")
-        if with_references:
-            missing = [record.path for record in records if record.reference is None]
-            if missing:
-                raise ValueError(
-                    f"{len(missing)} of {len(records)} records have no reference image (manifest column "
-                    f"`reference`), e.g. {missing[0]}"
-                )
-        self.with_references = with_references
         self.records = list(records)
         self.augment = augment
         self.seed = seed
@@ -315,17 +292,12 @@ class IQADataset(torch.utils.data.Dataset):
             record = self.records[(index + offset) % len(self.records)]
             try:
                 pixels = load_image(record.path, self.max_image_pixels)
-                reference = self._reference(record, pixels.shape) if self.with_references else None
             except ValueError as err:
                 failed.append((str(record.path), str(err)))
                 continue
             if self.augment is not None:
-                rng = np.random.default_rng([self.seed, self.epoch, index])
-                if reference is None:
-                    pixels = self.augment(pixels, rng)
-                else:  # one crop and flip for both
-                    pixels, reference = self.augment(torch.cat([pixels, reference]), rng).split(3)
-            item = {
+                pixels = self.augment(pixels, np.random.default_rng([self.seed, self.epoch, index]))
+            return {
                 "index": index,
                 "valid": offset == 0,
                 "path": str(record.path),
@@ -334,26 +306,14 @@ class IQADataset(torch.utils.data.Dataset):
                 "pixels": pixels,
                 "failed": failed,
             }
-            if reference is not None:
-                item |= {"reference": reference.contiguous(), "reference_path": str(record.reference)}
-            return item
         raise ValueError(f"none of the {len(self.records)} images could be read; first error: {failed[0][1]}")
-
-    def _reference(self, record: IQARecord, shape: torch.Size) -> torch.Tensor:
-        reference = load_image(record.reference, self.max_image_pixels)
-        if reference.shape != shape:
-            raise ValueError(
-                f"its reference {record.reference} is {tuple(reference.shape[1:])}, the image {tuple(shape[1:])}"
-            )
-        return reference
 
 
 def collate_items(items: list[dict]) -> dict:
     """Batch dataset items: ``pixels`` (list of uint8 ``[3, H, W]``), ``mos`` / ``mos_std``
     (float32 ``[B]``), ``index`` (int64 ``[B]``), ``valid`` (bool ``[B]``), ``paths``, and
-    ``failed``: the ``(path, error)`` pairs of the images skipped; with references (`IQADataset`'s
-    ``with_references``) also ``references`` (list of uint8 ``[3, H, W]``) and ``reference_paths``."""
-    batch = {
+    ``failed``: the ``(path, error)`` pairs of the images skipped."""
+    return {
         "pixels": [item["pixels"] for item in items],
         "mos": torch.tensor([item["mos"] for item in items], dtype=torch.float32),
         "mos_std": torch.tensor([item["mos_std"] for item in items], dtype=torch.float32),
@@ -362,10 +322,6 @@ def collate_items(items: list[dict]) -> dict:
         "paths": [item["path"] for item in items],
         "failed": [pair for item in items for pair in item["failed"]],
     }
-    if "reference" in items[0]:
-        batch["references"] = [item["reference"] for item in items]
-        batch["reference_paths"] = [item["reference_path"] for item in items]
-    return batch
 
 
 # ---------------------------------------------------------------------------------------- sampling

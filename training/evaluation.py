@@ -12,8 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import IQADataset, IQARecord, collate_items
+from qscorer_reward.extras import require_extra
+
+from .data import IQADataset, IQARecord, collate_items
 from .metrics import iqa_metrics
+
+require_extra("train", "qscorer_reward.training")
 
 METRIC_COLUMNS = ("srcc", "plcc", "krcc", "rmse", "rmse_raw")
 

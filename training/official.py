@@ -34,8 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import IQARecord, rescale_mos, rescale_std
+from qscorer_reward.extras import require_extra
+
+from .data import IQARecord, rescale_mos, rescale_std
 from .xlsx import read_xlsx
+
+require_extra("train", "qscorer_reward.training")
 
 KONIQ_SPLITS = {"training": "train", "validation": "val", "test": "test"}
 LIVEC_RELEASE_SIZE = 1169
@@ -92,7 +96,7 @@ def read_spaq(root: str | os.PathLike) -> list[IQARecord]:
 
 def read_kadid10k(root: str | os.PathLike) -> list[IQARecord]:
     """KADID-10k: ``dmos`` is a MOS on 1..5 (higher is better) despite its name; ``var`` its variance.
-    The reference image (in ``images/`` with the distorted ones) is the group and the reference."""
+    The reference image (in ``images/`` with the distorted ones) is the group."""
     root = Path(root)
     rows = _read_csv(root / "dmos.csv", ["dist_img", "ref_img", "dmos", "var"])
     mos_range = (1.0, 5.0)
@@ -102,7 +106,6 @@ def read_kadid10k(root: str | os.PathLike) -> list[IQARecord]:
             mos=rescale_mos(_number(row["dmos"], where), mos_range),
             mos_std=rescale_std(math.sqrt(max(_number(row["var"], where), 0.0)), mos_range),
             group=row["ref_img"],
-            reference=root / "images" / row["ref_img"],
         )
         for where, row in rows
     ]

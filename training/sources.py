@@ -1,22 +1,17 @@
-"""From a `DatasetConfig` to the records it selects: manifest, official reader or synthetic shard,
-split, selection."""
+"""From a `DatasetConfig` to the records it selects: manifest or official reader, split, selection."""
 
 from __future__ import annotations
 
-from .config import SYNTHETIC_FORMAT, DatasetConfig
-from .datasets import IQARecord, assign_random_split, read_manifest
+from .config import DatasetConfig
+from .data import IQARecord, assign_random_split, read_manifest
 from .official import OFFICIAL_READERS
-from .synthetic_shard import ensure_synthetic_shard
 
 
 def load_records(spec: DatasetConfig) -> list[IQARecord]:
-    """The records of ``spec``: read (a synthetic shard is written first if missing), randomly split
-    if asked (``test_fraction``), and restricted to ``spec.split``. Raises `ValueError` naming the
-    dataset when nothing is left."""
+    """The records of ``spec``: read, randomly split if asked (``test_fraction``), and restricted to
+    ``spec.split``. Raises `ValueError` naming the dataset when nothing is left."""
     if spec.format == "manifest":
         records = read_manifest(spec.path, spec.image_root, spec.mos_range)
-    elif spec.format == SYNTHETIC_FORMAT:
-        records = read_manifest(ensure_synthetic_shard(spec.path, spec.synthetic))
     else:
         records = OFFICIAL_READERS[spec.format](spec.path)
     if spec.test_fraction is not None:

@@ -17,6 +17,7 @@ Output directory::
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -37,31 +38,34 @@ from accelerate.utils import (
 )
 
 from qscorer_reward.checkpoint import replace_directory
+from qscorer_reward.config_files import config_to_dict
+from qscorer_reward.extras import require_extra
 from qscorer_reward.preprocessing import to_unit_pixels
 from qscorer_reward.scorer import QScorer
 
 from .augment import QualityPreservingAugment
-from .config import LossWeights, TrainingConfig
-from .datasets import IQADataset, IQARecord, MixtureSampler, check_images, collate_items
+from .callbacks import TrainerCallback
+from .config import LossWeights, ParameterGroup, TrainingConfig
+from .data import IQADataset, IQARecord, MixtureSampler, check_images, collate_items
 from .evaluation import dataset_metrics, format_table, predict, write_report
 from .export import save_merged, save_trained_parts
 from .losses import fidelity_loss, margin_ranking_loss, plcc_loss, score_mse_loss
 from .model import QScorerForTraining, TrainableParts, answer_token_count
-from .optimizers import MuonWithAdamW, muon_parameter_names
 from .sources import load_records
+
+require_extra("train", "qscorer_reward.training")
 
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "step-"
-# Settings a resumed run must share with the interrupted one for its data position (or, for
-# vision_tower_steps, its phase) to mean the same, each with the value a checkpoint written before
-# the setting existed stands for (None: it was always recorded).
+# Settings a resumed run must share with the interrupted one for its data position (or, for the
+# parameter groups, its schedules) to mean the same, each with the value a checkpoint written
+# before the setting existed stands for (None: it was always recorded).
 RESUME_INVARIANTS = {
     "per_device_batch_size": None,
     "gradient_accumulation_steps": None,
     "seed": None,
     "num_processes": None,
-    "vision_tower_steps": 0,
-    "optimizer": "adamw",
+    "parameter_groups": [],
 }
 
 # Distributed types whose wrapped model holds flattened or partitioned parameters.
@@ -73,38 +77,35 @@ def training_objective(
     mos: torch.Tensor,
     mos_std: torch.Tensor,
     weights: LossWeights,
-    vision_only: bool = False,
+    callbacks: tuple[TrainerCallback, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the enabled loss terms and each term (unweighted), from the model's
-    outputs (``raw_scores``, ``ce_loss``, ``vision_probe_scores``, ``local_fidelity`` and its
-    ``local_fidelity_target``) and the batch's MOS ``[B]`` /
-    MOS std ``[B]`` (NaN if unknown). ``vision_only``: the outputs of a ``vision_only`` forward,
-    whose objective is the probe's terms alone (``vision_probe``, ``local_fidelity``).
+    outputs (``raw_scores``, ``ce_loss``; a ``vision_only`` forward has neither, and no score
+    terms) and the batch's MOS ``[B]`` / MOS std ``[B]`` (NaN if unknown), followed by the
+    callbacks' terms (`TrainerCallback.loss_terms`).
 
     Score terms read the unbounded regression output, so that a MOS at either end of the scale is
     reachable exactly; scoring bounds it (see `qscorer_reward.head.soft_clamp`).
     """
-    terms: dict[str, torch.Tensor] = {}
-    if not vision_only:
+    weighted: dict[str, tuple[float, torch.Tensor]] = {}
+    if "raw_scores" in outputs:
         raw = outputs["raw_scores"]
         if weights.mse:
-            terms["mse"] = score_mse_loss(raw, mos)
+            weighted["mse"] = (weights.mse, score_mse_loss(raw, mos))
         if weights.ce:
-            terms["ce"] = outputs["ce_loss"]
+            weighted["ce"] = (weights.ce, outputs["ce_loss"])
         if weights.plcc:
-            terms["plcc"] = plcc_loss(raw, mos)
+            weighted["plcc"] = (weights.plcc, plcc_loss(raw, mos))
         if weights.fidelity:
-            terms["fidelity"] = fidelity_loss(raw, mos, mos_std, weights.fidelity_std)
+            weighted["fidelity"] = (weights.fidelity, fidelity_loss(raw, mos, mos_std, weights.fidelity_std))
         if weights.ranking:
-            terms["ranking"] = margin_ranking_loss(raw, mos, weights.ranking_margin)
-    if weights.vision_probe or vision_only:
-        terms["vision_probe"] = score_mse_loss(outputs["vision_probe_scores"], mos)
-    if weights.local_fidelity:
-        terms["local_fidelity"] = score_mse_loss(outputs["local_fidelity"], outputs["local_fidelity_target"])
-    if not terms:
+            weighted["ranking"] = (weights.ranking, margin_ranking_loss(raw, mos, weights.ranking_margin))
+    for callback in callbacks:
+        weighted |= callback.loss_terms(outputs, mos, mos_std)
+    if not weighted:
         raise ValueError("every loss weight is 0: nothing to train")
-    total = sum(getattr(weights, name) * value for name, value in terms.items())
-    return total, terms
+    total = sum(weight * value for weight, value in weighted.values())
+    return total, {name: value for name, (_, value) in weighted.items()}
 
 
 class ScoreTokenTrainer:
@@ -119,22 +120,30 @@ class ScoreTokenTrainer:
         config: the run's `TrainingConfig`.
         accelerator: an `accelerate.Accelerator` to use (default: one built from the config and
             the ``accelerate launch`` environment).
+        callbacks: `TrainerCallback` s that extend the run (training aids, loss terms).
     """
 
-    def __init__(self, config: TrainingConfig, accelerator: Accelerator | None = None):
+    def __init__(
+        self,
+        config: TrainingConfig,
+        accelerator: Accelerator | None = None,
+        callbacks: list[TrainerCallback] | tuple[TrainerCallback, ...] = (),
+    ):
         self.config = config
+        self.callbacks = tuple(callbacks)
+        self.latest_group_start = max((group.start_step for group in config.parameter_groups), default=0)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=config.report_to or None,
             project_dir=config.output_dir,
-            # The language model gets no gradients while the vision tower trains alone.
+            # A parameter group that starts later gets no gradients before it does.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
-            if config.vision_tower_steps
+            if self.latest_group_start
             else None,
         )
-        if config.vision_tower_steps:
-            self._check_vision_tower_phase_is_supported()
+        if self.latest_group_start:
+            self._check_later_groups_are_supported()
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self._skipped_paths: set[str] = set()
@@ -165,7 +174,7 @@ class ScoreTokenTrainer:
             config.augment.hflip, config.augment.min_crop_side, model.scorer.config.max_pixels
         )
         records = [record for recs in train_sets.values() for record in recs]
-        dataset = self._training_dataset(records, augment if augment.active else None)
+        dataset = IQADataset(records, augment if augment.active else None, seed=config.seed)
         sampler = MixtureSampler(
             [len(recs) for recs in train_sets.values()],
             weights=None if config.train_datasets[0].weight is None else [d.weight for d in config.train_datasets],
@@ -182,8 +191,10 @@ class ScoreTokenTrainer:
                 f"{config.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes"
             )
         total_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
-        if config.vision_tower_steps >= total_steps:
-            raise ValueError(f"vision_tower_steps {config.vision_tower_steps} leaves none of the {total_steps} steps")
+        if self.latest_group_start >= total_steps:
+            raise ValueError(
+                f"a parameter group starts at step {self.latest_group_start}, after all {total_steps} steps"
+            )
 
         optimizer = self._optimizer(model)
         scheduler = self._scheduler(optimizer, total_steps)
@@ -203,9 +214,9 @@ class ScoreTokenTrainer:
         if config.report_to:
             accelerator.init_trackers("qscorer-score-token-training", config=_flat(config.to_dict()))
 
-        gradient_groups = model.gradient_groups()
+        parameter_groups = self._parameter_groups(model)
         if accelerator.distributed_type in SHARDED_PARAMETERS:  # clip their parameters as one
-            gradient_groups = [[p for p in prepared.parameters() if p.requires_grad]]
+            parameter_groups = [(ParameterGroup("all"), [p for p in prepared.parameters() if p.requires_grad])]
         batches_per_epoch = steps_per_epoch * config.gradient_accumulation_steps
         progress = self._progress_bar(total_steps, state["global_step"])
         running: dict[str, list[float]] = {}
@@ -233,8 +244,9 @@ class ScoreTokenTrainer:
                 if state["batches_done"] >= batches_per_epoch:
                     break
                 failed.extend(batch["failed"])
-                vision_only = state["global_step"] < config.vision_tower_steps
-                terms = self._train_on_batch(batch, prepared, optimizer, scheduler, gradient_groups, vision_only)
+                terms = self._train_on_batch(
+                    batch, prepared, optimizer, scheduler, parameter_groups, state["global_step"]
+                )
                 state["batches_done"] += 1
                 for name, value in terms.items():
                     running.setdefault(name, []).append(value)
@@ -272,73 +284,82 @@ class ScoreTokenTrainer:
         return report or {}
 
     def _train_on_batch(
-        self, batch: dict, prepared, optimizer, scheduler, gradient_groups, vision_only: bool
+        self, batch: dict, prepared, optimizer, scheduler, parameter_groups, step: int
     ) -> dict[str, float]:
-        """Forward and backward on one micro-batch; an optimizer step when accelerate says the
-        accumulated gradients are complete. ``gradient_groups`` (`QScorerForTraining.gradient_groups`)
-        are clipped to ``max_grad_norm`` each; ``vision_only`` runs the vision tower and its probe
-        alone. Returns the loss and its terms (unweighted)."""
+        """Forward and backward on one micro-batch of optimizer step ``step`` (from 0); an
+        optimizer step when accelerate says the accumulated gradients are complete, in which the
+        groups not started yet (`ParameterGroup.start_step`) take no part and every other group is
+        clipped to ``max_grad_norm`` on its own. Returns the loss and its terms (unweighted)."""
         accelerator, config = self.accelerator, self.config
         with accelerator.accumulate(prepared):
             pixels = to_unit_pixels(batch["pixels"], device=accelerator.device)
-            outputs = prepared(
-                pixels, compute_ce=bool(config.loss.ce), vision_only=vision_only, **self._references(batch)
-            )
+            forward_kwargs = {}
+            for callback in self.callbacks:
+                forward_kwargs |= callback.forward_kwargs(step)
+            outputs = prepared(pixels, compute_ce=bool(config.loss.ce), **forward_kwargs)
             mos, mos_std = batch["mos"].to(accelerator.device), batch["mos_std"].to(accelerator.device)
-            loss, terms = training_objective(outputs, mos, mos_std, config.loss, vision_only)
+            loss, terms = training_objective(outputs, mos, mos_std, config.loss, self.callbacks)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                if config.max_grad_norm and len(gradient_groups) == 1:
-                    accelerator.clip_grad_norm_(gradient_groups[0], config.max_grad_norm)
+                for group, parameters in parameter_groups:
+                    if step < group.start_step:
+                        for param in parameters:
+                            param.grad = None  # no update and no optimizer state before the group starts
+                if config.max_grad_norm and len(parameter_groups) == 1:
+                    accelerator.clip_grad_norm_(parameter_groups[0][1], config.max_grad_norm)
                 elif config.max_grad_norm:
                     # fp16's gradient scaler may unscale once per step: here, not per group.
                     accelerator.unscale_gradients()
-                    for group in gradient_groups:
-                        torch.nn.utils.clip_grad_norm_(group, config.max_grad_norm)
+                    for _, parameters in parameter_groups:
+                        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
         return {name: float(value.detach()) for name, value in {"loss": loss, **terms}.items()}
 
-    def _references(self, batch: dict) -> dict:
-        """The model's ``references`` / ``reference_index`` arguments for ``batch``: each reference
-        once (a group's members share their pristine image), or nothing without references."""
-        if "references" not in batch:
-            return {}
-        first = {}  # path -> position of its first occurrence, in order of appearance
-        for position, path in enumerate(batch["reference_paths"]):
-            first.setdefault(path, position)
-        row = {path: number for number, path in enumerate(first)}
-        index = torch.tensor([row[path] for path in batch["reference_paths"]])
-        unique = [batch["references"][position] for position in first.values()]
-        device = self.accelerator.device
-        return {"references": to_unit_pixels(unique, device=device), "reference_index": index.to(device)}
-
     # ------------------------------------------------------------------ setup
 
-    def _training_dataset(self, records: list[IQARecord], augment) -> IQADataset:
-        if not self.config.loss.local_fidelity:
-            return IQADataset(records, augment, seed=self.config.seed)
-        try:
-            return IQADataset(records, augment, seed=self.config.seed, with_references=True)
-        except ValueError as err:
-            raise ValueError(
-                f"loss.local_fidelity needs a reference image for every training record: {err}. A synthetic "
-                "shard has them when written with group_size > 1 (delete one written by an older version "
-                "to rewrite it)"
-            ) from err
-
-    def _check_vision_tower_phase_is_supported(self) -> None:
+    def _check_later_groups_are_supported(self) -> None:
         accelerator = self.accelerator
         if accelerator.distributed_type in SHARDED_PARAMETERS:
-            raise ValueError("vision_tower_steps needs a single process or DDP (FSDP and DeepSpeed are not supported)")
+            raise ValueError(
+                "a parameter group with start_step > 0 needs a single process or DDP (FSDP and DeepSpeed are not "
+                "supported)"
+            )
         handler = accelerator.ddp_handler
         if accelerator.num_processes > 1 and not (handler is not None and handler.find_unused_parameters):
             raise ValueError(
-                "vision_tower_steps under DDP needs find_unused_parameters (the language model gets no gradients "
-                "while the vision tower trains alone): pass an Accelerator with "
+                "a parameter group with start_step > 0 under DDP needs find_unused_parameters (its parameters may "
+                "get no gradients before it starts): pass an Accelerator with "
                 "DistributedDataParallelKwargs(find_unused_parameters=True), or let the trainer build it"
             )
+
+    def _parameter_groups(self, model: QScorerForTraining) -> list[tuple[ParameterGroup, list[torch.nn.Parameter]]]:
+        """The config's parameter groups with their trained parameters (in the model's order);
+        without groups, one group ``"all"`` of every trained parameter."""
+        groups = self.config.parameter_groups
+        trained = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        if not groups:
+            return [(ParameterGroup("all"), [param for _, param in trained])]
+        rest = next((group for group in groups if not group.parameters), None)
+        members: dict[str, list[torch.nn.Parameter]] = {group.name: [] for group in groups}
+        outside = []
+        for name, param in trained:
+            matching = (g for g in groups if any(fnmatch.fnmatchcase(name, pattern) for pattern in g.parameters))
+            group = next(matching, rest)
+            if group is None:
+                outside.append(name)
+            else:
+                members[group.name].append(param)
+        if outside:
+            raise ValueError(
+                f"{len(outside)} trained parameters belong to no parameter group (e.g. {outside[:3]}): add a "
+                "pattern that matches them, or a group without patterns, which takes the rest"
+            )
+        empty = [name for name, params in members.items() if not params]
+        if empty:
+            raise ValueError(f"parameter group(s) {empty} match no trained parameter")
+        return [(group, members[group.name]) for group in groups]
 
     def _load_datasets(self, specs) -> dict[str, list[IQARecord]]:
         """Records per dataset, without the images that are missing or unreadable (reported)."""
@@ -405,45 +426,36 @@ class ScoreTokenTrainer:
             merger=config.train_merger,
             language_model=config.train_language_model,
             output_rows=bool(config.loss.ce),
-            vision_probe=bool(config.loss.vision_probe),
-            vision_learns_from_probe_only=config.loss.vision_probe_only,
-            local_fidelity=bool(config.loss.local_fidelity),
         )
-        return QScorerForTraining(
+        model = QScorerForTraining(
             scorer, parts, answer_token_count(scorer, config.answer_text), config.gradient_checkpointing
         )
+        for callback in self.callbacks:
+            callback.on_model_built(model)
+        return model
 
     def _optimizer(self, model: QScorerForTraining) -> torch.optim.Optimizer:
-        """``optimizer`` (AdamW, or `MuonWithAdamW`) with a parameter group per learning rate,
-        weight decay, phase and update rule: with ``vision_tower_steps``, ``"vision"`` for
-        `QScorerForTraining.vision_parameters` and ``"language"`` for the rest (language model,
-        score token, head), else ``"all"``; with Muon, ``"muon"`` marks `muon_parameter_names`."""
+        """AdamW with an optimizer parameter group per learning rate, weight decay and parameter
+        group (each keeps its `ParameterGroup` name under ``"group"``, for its schedule)."""
         config = self.config
-        vision = {id(param) for param in model.vision_parameters()} if config.vision_tower_steps else set()
-        use_muon = config.optimizer == "muon"
-        muon = muon_parameter_names(model) if use_muon else set()
-        groups: dict[tuple[float, float, str, bool], list[torch.nn.Parameter]] = {}
+        group_of = {id(param): group.name for group, params in self._parameter_groups(model) for param in params}
+        groups: dict[tuple[float, float, str], list[torch.nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
             lr = config.head_learning_rate if name.startswith("scorer.head.") and config.head_learning_rate else None
             decay = config.weight_decay if param.ndim >= 2 else 0.0
-            phase = "vision" if id(param) in vision else "language" if vision else "all"
-            groups.setdefault((lr or config.learning_rate, decay, phase, name in muon), []).append(param)
+            groups.setdefault((lr or config.learning_rate, decay, group_of[id(param)]), []).append(param)
         param_groups = [
-            {"params": params, "lr": lr, "weight_decay": decay, "phase": phase}
-            for (lr, decay, phase, _), params in groups.items()
+            {"params": params, "lr": lr, "weight_decay": decay, "group": group}
+            for (lr, decay, group), params in groups.items()
         ]
-        if not use_muon:
-            return torch.optim.AdamW(param_groups, lr=config.learning_rate)
-        for group, (*_, is_muon) in zip(param_groups, groups):
-            group["muon"] = is_muon
-        return MuonWithAdamW(param_groups, lr=config.learning_rate)
+        return torch.optim.AdamW(param_groups, lr=config.learning_rate)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-        """``lr_scheduler`` with a warm-up of ``warmup_ratio`` of the steps, over the whole run; with
-        ``vision_tower_steps`` only the ``"vision"`` groups follow it, and the others stay at 0 for
-        those steps and then follow the same kind of schedule over the steps that remain."""
+        """``lr_scheduler`` with a warm-up of ``warmup_ratio`` of the steps, over the whole run; a
+        parameter group with ``start_step`` N stays at 0 for N steps and then follows the same kind
+        of schedule over the steps that remain."""
         config = self.config
         from transformers import get_scheduler
 
@@ -461,21 +473,22 @@ class ScoreTokenTrainer:
             return schedule.lr_lambdas[0]
 
         whole_run = multiplier(total_steps)
-        delay = config.vision_tower_steps
-        if not delay:
+        if not self.latest_group_start:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, whole_run)
-        after_delay = multiplier(total_steps - delay)
 
-        def delayed(step: int) -> float:
-            return after_delay(step - delay) if step >= delay else 0.0
+        def delayed(delay: int):
+            after_delay = multiplier(total_steps - delay)
+            return lambda step: after_delay(step - delay) if step >= delay else 0.0
 
-        lambdas = [delayed if group["phase"] == "language" else whole_run for group in optimizer.param_groups]
+        starts = {group.name: group.start_step for group in config.parameter_groups}
+        schedules = {start: delayed(start) for start in set(starts.values()) if start}
+        lambdas = [schedules.get(starts[group["group"]], whole_run) for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
     # ------------------------------------------------------------------ evaluation
 
     def _evaluation_due(self, step: int, end_of_epoch: bool, total_steps: int) -> bool:
-        if step <= self.config.vision_tower_steps:  # the score path has not been trained yet
+        if step <= self.latest_group_start:  # not everything has started training yet
             return False
         if step == total_steps:
             return True  # the final report
@@ -602,7 +615,8 @@ class ScoreTokenTrainer:
         return {key: trainer_state[key] for key in ("global_step", "epoch", "batches_done", "best_metric", "best_step")}
 
     def _invariants(self) -> dict:
-        values = {name: getattr(self.config, name, None) for name in RESUME_INVARIANTS}
+        settings = config_to_dict(self.config)
+        values = {name: settings.get(name) for name in RESUME_INVARIANTS}
         values["num_processes"] = self.accelerator.num_processes
         return values
 
@@ -655,10 +669,13 @@ class ScoreTokenTrainer:
         gathered = gather_object([(values, failed)])
         merged = {name: float(np.mean([v[name] for v, _ in gathered])) for name in values}
         self._report_failed("train", [pair for _, part in gathered for pair in part])
-        rates = {}  # the first group's of each phase
+        rates = {}  # the first optimizer group's of each parameter group
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            rates.setdefault(group.get("phase", "all"), lr)  # checkpoints before phases have none
-        merged |= {"lr": rates["all"]} if len(rates) == 1 else {f"lr_{phase}": lr for phase, lr in rates.items()}
+            rates.setdefault(group["group"], lr)
+        if len(rates) == 1:
+            merged["lr"] = next(iter(rates.values()))
+        else:
+            merged |= {f"lr_{name}": lr for name, lr in rates.items()}
         record = {"event": "train", "step": step, **merged, "elapsed_s": round(time.monotonic() - started, 1)}
         record["skipped_images"] = len(self._skipped_paths)
         self._log(record)
