@@ -6,7 +6,8 @@ Offline on the CPU, a tiny random SD pipeline and a tiny random scorer, a few st
 
 For real runs, use the module entry point with a config (one or more GPUs)::
 
-    accelerate launch -m qscorer_reward.training.reward_finetune --config training/configs/reward_finetune_sd15.yaml
+    accelerate launch -m qscorer_reward.integrations.diffusers.reward_finetune \\
+        --config training/configs/reward_finetune_sd15.yaml
 """
 
 import argparse
@@ -14,9 +15,10 @@ import tempfile
 
 import torch
 
+from qscorer_reward.integrations.diffusers import RewardFinetuneConfig, RewardFinetuner
+from qscorer_reward.integrations.diffusers.reward_finetune import load_prompts
 from qscorer_reward.testing import tiny_scorer
 from qscorer_reward.testing.pipelines import tiny_pipeline
-from qscorer_reward.training.reward_finetune import RewardFinetuneConfig, RewardFinetuner, load_prompts
 
 
 def main():

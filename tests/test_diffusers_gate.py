@@ -14,7 +14,7 @@ from qscorer_reward.integrations.diffusers import (
     filter_images,
     generate_with_gate,
 )
-from qscorer_reward.integrations.diffusers_latents import denoiser
+from qscorer_reward.integrations.diffusers.latents import denoiser
 from qscorer_reward.testing import tiny_scorer
 from qscorer_reward.testing.pipelines import PIPELINE_KINDS, tiny_call_kwargs, tiny_pipeline
 

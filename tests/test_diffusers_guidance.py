@@ -21,7 +21,7 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from qscorer_reward.integrations.diffusers import QScorerGuidance, SamplingObserver, decode_latents
-from qscorer_reward.integrations.diffusers_sampling import noise_level, predicted_clean, prediction_type
+from qscorer_reward.integrations.diffusers.sampling import noise_level, predicted_clean, prediction_type
 from qscorer_reward.testing import tiny_scorer
 from qscorer_reward.testing.pipelines import PIPELINE_KINDS, tiny_call_kwargs, tiny_pipeline
 

@@ -10,9 +10,14 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from peft.utils import get_peft_model_state_dict
 
+from qscorer_reward.integrations.diffusers.reward_finetune import (
+    RewardFinetuneConfig,
+    RewardFinetuner,
+    load_prompts,
+    main,
+)
 from qscorer_reward.testing import tiny_scorer
 from qscorer_reward.testing.pipelines import tiny_pipeline
-from qscorer_reward.training.reward_finetune import RewardFinetuneConfig, RewardFinetuner, load_prompts, main
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "training" / "configs"
 TRAIN_PROMPTS = ["a cat", "a dog", "a red car", "a tree", "a house", "a bird"]
@@ -163,7 +168,7 @@ def test_bad_config_values_are_named(tmp_path, overrides, message):
 
 def test_unknown_config_keys_and_pipelines_are_refused(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1e-4, "learnig_rate": 1e-3}))
-    with pytest.raises(ValueError, match=r"unknown config keys \['learnig_rate'\]"):
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \[.learnig_rate.\]"):
         RewardFinetuneConfig.from_file(tmp_path / "bad.json")
     img2img = StableDiffusionImg2ImgPipeline(**tiny_pipeline("sd").components)
     with pytest.raises(TypeError, match="StableDiffusionImg2ImgPipeline is not supported"):

@@ -11,8 +11,8 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from qscorer_reward.scorer import QScorer
 
-from .diffusers_latents import decode_latents, decoding_vae
-from .diffusers_sampling import SamplingObserver
+from .latents import decode_latents, decoding_vae
+from .sampling import SamplingObserver
 
 
 class QualityGate(PipelineCallback):

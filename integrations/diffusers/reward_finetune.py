@@ -23,7 +23,7 @@ grid ``eval/step_XXXXXX.png`` for a person to look at.
 
 Launch (one or more GPUs, data parallel)::
 
-    accelerate launch -m qscorer_reward.training.reward_finetune \\
+    accelerate launch -m qscorer_reward.integrations.diffusers.reward_finetune \\
         --config training/configs/reward_finetune_sd15.yaml [--set max_train_steps=500 ...]
 
 The LoRA weights are saved in diffusers' format (``pytorch_lora_weights.safetensors``); load them with
@@ -33,9 +33,9 @@ The LoRA weights are saved in diffusers' format (``pytorch_lora_weights.safetens
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from qscorer_reward.integrations.diffusers_latents import decode_latents, decoding_vae, denoiser, pipeline_family
-from qscorer_reward.integrations.diffusers_sampling import SamplingObserver
+from qscorer_reward.config_files import config_to_dict, load_config, parse_overrides, save_config
 from qscorer_reward.scorer import QScorer
+
+from .latents import decode_latents, decoding_vae, denoiser, pipeline_family
+from .sampling import SamplingObserver
 
 METHODS = ("draft", "refl")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -54,10 +56,12 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 @dataclass
 class RewardFinetuneConfig:
-    """Everything a reward fine-tuning run needs; round-trips through YAML or JSON (`from_file`, `save`).
+    """Everything a reward fine-tuning run needs; round-trips through YAML or JSON (`from_file`, `save`,
+    read by `qscorer_reward.config_files`).
 
     Prompt lists (``train_prompts``, ``eval_prompts``) are lists of strings or the path of a text file
-    with one prompt per line (relative paths are resolved against the config file's folder).
+    with one prompt per line (a relative path, like every path here, is relative to the working
+    directory).
     """
 
     # models
@@ -145,41 +149,17 @@ class RewardFinetuneConfig:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: dict | None = None) -> RewardFinetuneConfig:
-        """Read a ``.yaml``/``.yml`` or ``.json`` config; ``overrides`` replace fields. Unknown keys are an error."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-        values.update(overrides or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown config keys {unknown}")
-        for key in ("train_prompts", "eval_prompts"):
-            if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
-                values[key] = str(path.parent / values[key])
-        return cls(**values)
+    def from_file(cls, path: str | os.PathLike, overrides: dict | None = None) -> RewardFinetuneConfig:
+        """Read a ``.yaml``/``.yml`` or ``.json`` config; ``overrides`` (``{"key": value}``) replace
+        fields. Unknown keys are an error."""
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["refl_step_range"] = list(self.refl_step_range)
-        values["adam_betas"] = list(self.adam_betas)
-        return values
+        return config_to_dict(self)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the config as YAML (``.yaml``/``.yml``) or JSON."""
-        path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        else:
-            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_config(self, path)
 
 
 def load_prompts(prompts: list[str] | str) -> list[str]:
@@ -557,9 +537,9 @@ def _flat_config(config: RewardFinetuneConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``accelerate launch -m qscorer_reward.training.reward_finetune --config FILE``."""
+    """Entry point of ``accelerate launch -m qscorer_reward.integrations.diffusers.reward_finetune --config FILE``."""
     parser = argparse.ArgumentParser(
-        prog="python -m qscorer_reward.training.reward_finetune",
+        prog="python -m qscorer_reward.integrations.diffusers.reward_finetune",
         description="Reward fine-tuning of a diffusion model with LoRA, the Q-Scorer as the reward.",
     )
     parser.add_argument("--config", required=True, help="a RewardFinetuneConfig as YAML or JSON")
@@ -568,16 +548,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    import yaml
     from accelerate import Accelerator
     from diffusers import DiffusionPipeline
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
     config = RewardFinetuneConfig.from_file(args.config, overrides)
     if config.pretrained_model is None:
         parser.error("the config must name pretrained_model")

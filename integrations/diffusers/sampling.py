@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .diffusers_latents import pipeline_family
+from .latents import pipeline_family
 
 # Scheduler class name -> how its latents relate to the clean latents (see the module docstring).
 SCHEDULER_FORMS = {
