@@ -1,13 +1,13 @@
 """Train a tiny Q-Scorer on CPU in about a minute: the whole score-token fine-tuning loop, end to end.
 
 A tiny random Qwen2.5-VL (4-pixel vision patches, so that a random vision tower can learn pixel
-statistics quickly) learns to score the noise level of crops of scikit-image's sample photos, and is
-evaluated on crops of other photos. The same config file, pointed at a real base model and
-dataset, is how a real run starts (see docs/training.md).
+statistics quickly) learns to score the noise level of crops of two example photos, and is
+evaluated on crops of the third. The same config file, pointed at a real base model and dataset,
+is how a real run starts (see docs/training.md).
 
     python examples/train_tiny.py --output runs/tiny
 
-Needs scikit-image for the sample photos (the dev extra).
+Needs the train extra (pip install "qscorer-reward[train]").
 """
 
 from __future__ import annotations
@@ -15,7 +15,35 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+
+PHOTOS = Path(__file__).resolve().parent / "images"
+CROP = 32
+MAX_NOISE_STD = 0.25
+
+
+def noisy_crops(photos: list[str], directory: Path, count: int, seed: int) -> Path:
+    """``count`` crops of the example ``photos`` resized to 32 x 32, with Gaussian noise of std
+    0.25 x level (level uniform in [0, 1]) and MOS 5 - 4 x level, as PNG files and a manifest."""
+    from qscorer_reward.training import IQARecord, write_manifest
+
+    rng = np.random.default_rng(seed)
+    sources = [Image.open(PHOTOS / f"{name}_pristine.png").convert("RGB") for name in photos]
+    directory.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in range(count):
+        photo = sources[rng.integers(len(sources))]
+        side = int(rng.integers(CROP, min(photo.size) // 2 + 1))
+        left, top = int(rng.integers(photo.width - side + 1)), int(rng.integers(photo.height - side + 1))
+        crop = photo.crop((left, top, left + side, top + side)).resize((CROP, CROP), Image.Resampling.BILINEAR)
+        level = float(rng.uniform())
+        pixels = np.asarray(crop, dtype=np.float32) / 255 + rng.normal(0.0, MAX_NOISE_STD * level, (CROP, CROP, 3))
+        path = directory / f"{index:05d}.png"
+        Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)).save(path)
+        records.append(IQARecord(path=path, mos=5.0 - 4.0 * level))
+    return write_manifest(records, directory / "manifest.csv")
 
 
 def build_base_model(directory: Path) -> None:
@@ -40,19 +68,11 @@ def main() -> None:
 
     from qscorer_reward import QScorer
     from qscorer_reward.training import DatasetConfig, LoraSettings, ScoreTokenTrainer, TrainingConfig
-    from qscorer_reward.training.synthetic import make_synthetic_dataset
 
     torch.set_num_threads(1)  # tiny models run fastest on one thread
     build_base_model(args.output / "base")
-    train = make_synthetic_dataset(
-        args.output / "data" / "train",
-        ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"],
-        num_images=800,
-        image_size=32,
-    )
-    held_out = make_synthetic_dataset(
-        args.output / "data" / "held_out", ["coins", "moon", "gravel", "clock"], num_images=64, image_size=32, seed=1
-    )
+    train = noisy_crops(["astronaut", "coffee"], args.output / "data" / "train", count=800, seed=0)
+    held_out = noisy_crops(["chelsea"], args.output / "data" / "held_out", count=64, seed=1)
     config = TrainingConfig(
         base_model=str(args.output / "base"),
         output_dir=str(args.output / "run"),

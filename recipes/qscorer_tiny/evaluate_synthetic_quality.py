@@ -1,9 +1,9 @@
 """Measure a Q-Scorer on the held-out synthetic distortion set: per-type SRCC between score and
 distortion level, and how often a pristine crop outscores its level-5 versions, with a bootstrap interval
-of the mean SRCC over the crops and the mean SRCC per held-out photo (docs/default_model.md).
+of the mean SRCC over the crops and the mean SRCC per held-out photo (README.md).
 
-    python scripts/evaluate_synthetic_quality.py                          # the bundled default model
-    python scripts/evaluate_synthetic_quality.py --model CHECKPOINT_DIR --eval-dir runs/synthetic-eval \\
+    python -m recipes.qscorer_tiny.evaluate_synthetic_quality              # the bundled default model
+    python -m recipes.qscorer_tiny.evaluate_synthetic_quality --model CHECKPOINT_DIR --eval-dir runs/synthetic-eval \\
         --json runs/synthetic-eval/result.json
 
 The evaluation set is written to ``--eval-dir`` on the first run and reused afterwards (a directory
@@ -20,12 +20,13 @@ import tempfile
 from pathlib import Path
 
 from qscorer_reward import QScorer
-from qscorer_reward.training.synthetic_evaluation import format_table, mean_srcc_interval, score_rows, summarise
-from qscorer_reward.training.synthetic_iqa import (
+
+from .synthetic_evaluation import format_table, mean_srcc_interval, score_rows, summarise
+from .synthetic_iqa import (
     MANIFEST_NAME,
     SETTINGS_NAME,
     evaluation_settings,
-    read_manifest,
+    read_sample_rows,
     write_evaluation_set,
 )
 
@@ -71,7 +72,7 @@ def prepare_evaluation_set(directory: Path, args: argparse.Namespace) -> Path:
 def evaluate(directory: Path, args: argparse.Namespace) -> dict:
     manifest = prepare_evaluation_set(directory, args)
     scorer = QScorer.from_pretrained(args.model, device=args.device)
-    rows = read_manifest(manifest)
+    rows = read_sample_rows(manifest)
     scores = score_rows(scorer, rows, args.batch_size)
     summary = summarise(rows, scores)
     if args.bootstrap:

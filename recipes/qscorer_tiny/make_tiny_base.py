@@ -4,10 +4,10 @@ A small Qwen2.5-VL-architecture ``Qwen2_5_VLForConditionalGeneration`` with rand
 and the byte-level tokenizer of `qscorer_reward.testing`, saved as a transformers model folder that
 a training config names as its ``base_model``::
 
-    python -m qscorer_reward.training.make_tiny_base --output runs/qscorer-tiny/base
+    python -m recipes.qscorer_tiny.make_tiny_base --output runs/qscorer-tiny/base
 
-The default shape (`TINY_SHAPE`) is the one ``training/configs/qscorer_tiny.yaml`` is tuned for;
-see ``docs/default_model.md``.
+The default shape (`TINY_SHAPE`) is the one ``qscorer_tiny.yaml`` is tuned for (README.md);
+``reproduce`` writes it when the run starts.
 
 The vision patch embedding starts as a whitened 2-D DCT filter bank (`init_patch_embedding_dct_`)
 instead of random weights: a random projection of a 14 x 14 patch sees mostly its low-frequency

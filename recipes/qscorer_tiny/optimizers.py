@@ -4,7 +4,7 @@ Muon (Jordan et al., 2024) replaces each 2-D weight's momentum update by its nea
 semi-orthogonal matrix (a quintic Newton-Schulz iteration), so every direction of the matrix moves
 at the same rate. Trained from scratch with the vision probe, the default model's vision tower
 ranked distortions on new crops of its training photos 0.11-0.13 better (mean SRCC) after 1,200
-steps with Muon than with AdamW (docs/default_model.md). Vectors, embeddings, convolutions and output
+steps with Muon than with AdamW (README.md). Vectors, embeddings, convolutions and output
 rows have no such matrix structure and keep AdamW.
 """
 

@@ -38,7 +38,7 @@ TARGETS = {"mean_srcc": 0.85, "pristine_above_level5": 0.95}
 
 
 def score_rows(scorer, rows: list[dict], batch_size: int = 16) -> np.ndarray:
-    """Scores ``[N]`` float64 of the images of manifest ``rows`` (from `synthetic_iqa.read_manifest`)."""
+    """Scores ``[N]`` float64 of the images of manifest ``rows`` (from `synthetic_iqa.read_sample_rows`)."""
     with torch.no_grad():
         scores = scorer([str(row["image"]) for row in rows], batch_size=batch_size)
     return scores.double().cpu().numpy()

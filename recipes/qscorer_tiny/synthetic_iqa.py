@@ -19,8 +19,8 @@ The default collate function batches these into ``image`` [B, 3, size, size] uin
 Evaluation data: `write_evaluation_set` writes crops of the `content.HELD_OUT_PHOTOS`, each pristine
 and distorted by every type at levels 1..5 with the held-out implementations, as PNG files plus a
 CSV manifest (columns `MANIFEST_COLUMNS`; ``image`` relative to the manifest, ``group`` the id shared
-by a pristine crop and its distorted versions). `read_manifest` reads it back; the columns
-``image``, ``mos`` and ``group`` follow the training module's manifest format (`datasets`), so its
+by a pristine crop and its distorted versions). `read_sample_rows` reads it back; the columns
+``image``, ``mos`` and ``group`` follow the training module's manifest format (`read_manifest`), so its
 reader takes the set as it is.
 """
 
@@ -230,7 +230,7 @@ def _save_png(path: Path, image: np.ndarray) -> None:
     Image.fromarray(to_uint8(image)).save(path, compress_level=1)
 
 
-def read_manifest(manifest: str | os.PathLike) -> list[dict]:
+def read_sample_rows(manifest: str | os.PathLike) -> list[dict]:
     """Rows of a manifest written by `write_evaluation_set`: dicts with the `MANIFEST_COLUMNS`,
     ``image`` an absolute `Path`, ``mos`` and ``level`` floats, the rest strings."""
     manifest = Path(manifest)

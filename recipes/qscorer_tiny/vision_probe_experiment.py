@@ -1,10 +1,10 @@
 """Train a base model's vision tower with the vision probe alone, without the language model, and
-measure where it fails to generalise (docs/default_model.md, "Where the gap is").
+measure where it fails to generalise (README.md).
 
 The tower and probe of a `qscorer-tiny` run cost about half a training step, so this is the quick
 way to try tower-side changes (shape, initialisation, data, schedule) before a full run::
 
-    python scripts/vision_probe_experiment.py --base runs/qscorer-tiny/base \\
+    python -m recipes.qscorer_tiny.vision_probe_experiment --base runs/qscorer-tiny/base \\
         --shard runs/qscorer-tiny/data/train --eval-dir runs/synthetic-eval --steps 1200
 
 Training: batches of whole groups of the (grouped) synthetic shard, horizontal flips, AdamW (or
@@ -13,14 +13,14 @@ gradient norm clipped at 1, as in the recipe. Every ``--eval-every`` steps and a
 prints the mean per-type SRCC (`synthetic_evaluation.summarise`) on three sets: new crops of the
 training photos with the training implementations and with the held-out ones (written to
 ``--cache-dir`` on first use), and the held-out evaluation set in ``--eval-dir``
-(`scripts/evaluate_synthetic_quality.py` writes it). The shard and the sets are decoded once into
+(`evaluate_synthetic_quality.py` writes it). The shard and the sets are decoded once into
 ``.npy`` files in ``--cache-dir``.
 
-``--local-fidelity W`` adds the trainer's ``loss.local_fidelity`` term with weight W (maps against
+``--local-fidelity W`` adds a dense local-fidelity term (`local_fidelity.py`) with weight W (maps against
 each group's pristine image, computed before the channels are permuted).
 ``--augment dihedral`` also turns images by multiples of 90 degrees and ``--permute-channels``
 reorders their RGB channels (content variety at no data cost); ``--optimizer muon`` trains with
-Muon as the trainer's ``optimizer: muon`` does. ``--save`` writes the tower and probe at every
+Muon (`optimizers.MuonWithAdamW`). ``--save`` writes the tower and probe at every
 evaluation, ``--load`` starts from such a file, and ``--steps 0 --load FILE`` only evaluates it
 (e.g. towers trained elsewhere with ``--device cuda``); ``--dev-crops 0`` skips the development
 sets.
@@ -41,15 +41,16 @@ from PIL import Image
 from qscorer_reward.backbones.qwen_vl import patchify
 from qscorer_reward.config import QScorerConfig
 from qscorer_reward.preprocessing import normalize
-from qscorer_reward.training.content import TRAIN_PHOTOS, photo_crop
-from qscorer_reward.training.distortions import DISTORTION_TYPES
-from qscorer_reward.training.image_ops import to_uint8
-from qscorer_reward.training.local_fidelity import local_fidelity_maps
 from qscorer_reward.training.losses import fidelity_loss, score_mse_loss
-from qscorer_reward.training.model import VisionProbe
-from qscorer_reward.training.optimizers import MuonWithAdamW, muon_parameter_names
-from qscorer_reward.training.synthetic_evaluation import summarise
-from qscorer_reward.training.synthetic_iqa import distorted_versions, read_manifest
+
+from .content import TRAIN_PHOTOS, photo_crop
+from .distortions import DISTORTION_TYPES
+from .image_ops import to_uint8
+from .local_fidelity import local_fidelity_maps
+from .optimizers import MuonWithAdamW, muon_parameter_names
+from .synthetic_evaluation import summarise
+from .synthetic_iqa import distorted_versions, read_sample_rows
+from .vision_probe import VisionProbe
 
 SCORE_MIDPOINT = 3.0  # of the 1..5 scale, where the probe's output starts
 
@@ -82,13 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--optimizer",
         choices=("adamw", "muon"),
         default="adamw",
-        help="muon: Muon for the hidden weight matrices, AdamW for the rest (the trainer's `optimizer: muon`)",
+        help="muon: Muon for the hidden weight matrices, AdamW for the rest (optimizers.MuonWithAdamW)",
     )
     parser.add_argument(
         "--local-fidelity",
         type=float,
         default=0.0,
-        help="weight of the dense auxiliary loss of the trainer's `loss.local_fidelity`: every merged token "
+        help="weight of a dense auxiliary loss (local_fidelity.py): every merged token "
         "predicts its region's local fidelity against the group's pristine image",
     )
     parser.add_argument("--device", default="cpu")
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def decoded_images(rows: list[dict], cache: Path) -> np.ndarray:
-    """uint8 ``[N, H, W, 3]`` of the manifest ``rows`` (`read_manifest`'s), memory-mapped from
+    """uint8 ``[N, H, W, 3]`` of the manifest ``rows`` (`read_sample_rows`'s), memory-mapped from
     ``cache`` (written on first use)."""
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +213,7 @@ def evaluate(model: TowerWithProbe, rows: list[dict], images: np.ndarray, batch:
 
 def make_optimizer(model: TowerWithProbe, kind: str, learning_rate: float) -> torch.optim.Optimizer:
     """AdamW for everything, or `MuonWithAdamW` with Muon for the hidden weight matrices (the
-    blocks', the merger's and the probe's first layer) as the trainer's ``optimizer: muon``."""
+    blocks', the merger's and the probe's first layer)."""
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     muon = muon_parameter_names(model)
@@ -227,7 +228,7 @@ def make_optimizer(model: TowerWithProbe, kind: str, learning_rate: float) -> to
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    train_rows = read_manifest(args.shard / "manifest.csv")
+    train_rows = read_sample_rows(args.shard / "manifest.csv")
     train_images = decoded_images(train_rows, args.cache_dir / f"{args.shard.name}-shard.npy")
     size = train_images.shape[1]
     sets = {
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.dev_crops
     }
     if args.eval_dir:
-        rows = read_manifest(args.eval_dir / "manifest.csv")
+        rows = read_sample_rows(args.eval_dir / "manifest.csv")
         sets["held_out_photos"] = (rows, decoded_images(rows, args.cache_dir / f"eval-{size}.npy"))
 
     model = TowerWithProbe(args.base, local_fidelity=bool(args.local_fidelity))

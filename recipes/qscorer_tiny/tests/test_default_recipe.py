@@ -1,72 +1,87 @@
-"""The default model's recipe runs end to end: the random base written by `make_tiny_base`, the
-synthetic shards written when the run starts, two steps of ``training/configs/qscorer_tiny.yaml``
-(one of its vision-tower phase, one of the rest) through ``qscorer train``, and a merged
-checkpoint that loads and scores without the base."""
+"""The default model's recipe runs end to end: `reproduce` writes the random base and the synthetic
+shards, trains two steps of ``qscorer_tiny.yaml`` (one of its vision-tower phase, one of the rest)
+and writes a merged checkpoint that loads and scores without the base; and the pieces: the base's
+DCT filter bank, the shards, the byte comparison with the bundled model, the probe experiment."""
 
 import csv
 import itertools
-from pathlib import Path
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from qscorer_reward import QScorer
-from qscorer_reward.cli import main
+from qscorer_reward.checkpoint import BUNDLED_DEFAULT
+from qscorer_reward.config_files import config_from_dict, config_to_dict, load_config, save_config
 from qscorer_reward.preprocessing import load_image
-from qscorer_reward.training.config import DatasetConfig, TrainingConfig
-from qscorer_reward.training.make_tiny_base import write_tiny_base
-from qscorer_reward.training.synthetic_iqa import SyntheticIQADataset
-from qscorer_reward.training.synthetic_shard import SyntheticSettings, ensure_synthetic_shard
+from recipes.qscorer_tiny import reproduce
+from recipes.qscorer_tiny import vision_probe_experiment as experiment
+from recipes.qscorer_tiny.make_tiny_base import dct_basis, write_tiny_base
+from recipes.qscorer_tiny.reproduce import RECIPE, TinyRecipe
+from recipes.qscorer_tiny.synthetic_iqa import SyntheticIQADataset
+from recipes.qscorer_tiny.synthetic_shard import SyntheticSettings, ensure_synthetic_shard
 
-RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "qscorer_tiny.yaml"
 SIZE = 64  # the recipe's 224 px, shrunk so that the test runs in seconds
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide state (e.g. the mixed precision) that each run sets anew."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def test_recipe_trains_and_writes_a_loadable_checkpoint(tmp_path):
-    config = TrainingConfig.from_file(RECIPE)
-    assert config.base_model == "runs/qscorer-tiny/base" and config.save_merged
-    config.base_model = str(write_tiny_base(tmp_path / "base"))
-    config.output_dir = str(tmp_path / "run")
-    for spec in (*config.train_datasets, *config.eval_datasets):
-        spec.path = str(tmp_path / "data" / spec.name)
-        spec.synthetic.length, spec.synthetic.size, spec.synthetic.workers = 8, SIZE, 1
-    config.min_pixels = config.max_pixels = SIZE * SIZE
-    config.per_device_batch_size, config.num_workers = 4, 0
+    recipe = load_config(TinyRecipe, RECIPE)
+    training = recipe.training
+    assert training.base_model == "runs/qscorer-tiny/base" and training.save_merged
+    assert (recipe.vision_tower_steps, training.max_steps) == (5600, 7600)
+    training.base_model = str(tmp_path / "base")
+    training.output_dir = str(tmp_path / "run")
+    for spec in (*training.train_datasets, *training.eval_datasets):
+        spec.path = str(tmp_path / "data" / spec.name / "manifest.csv")
+    for shard in recipe.shards:
+        shard.synthetic.length, shard.synthetic.size, shard.synthetic.workers = 8, SIZE, 1
+    training.min_pixels = training.max_pixels = SIZE * SIZE
+    training.per_device_batch_size, training.num_workers = 4, 0
     # One step of each phase: the vision tower alone, then everything.
-    assert 0 < config.vision_tower_steps < config.max_steps
-    config.vision_tower_steps, config.max_steps, config.eval_steps, config.save_steps = 1, 2, 2, 2
-    config_file = tmp_path / "recipe.yaml"
-    config.save(config_file)
+    training.parameter_groups[-1].start_step = 1
+    training.max_steps, training.eval_steps, training.save_steps, training.logging_steps = 2, 2, 2, 1
+    save_config(recipe, tmp_path / "recipe.yaml")
 
-    assert main(["train", "--config", str(config_file)]) == 0
+    assert reproduce.main(["--config", str(tmp_path / "recipe.yaml")]) == 0
 
     run = tmp_path / "run"
-    assert (run / "eval_report.json").is_file()
+    assert (run / "eval_report.json").is_file() and (tmp_path / "base" / "config.json").is_file()
     assert len(list((tmp_path / "data" / "synthetic-train").rglob("*.bmp"))) == 8
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    trained = [record for record in log if record["event"] == "train"]
+    assert [("mse" in record, "vision_probe" in record) for record in trained] == [(False, True), (True, True)]
     scorer = QScorer.from_pretrained(run / "final-merged")
     assert scorer.config.model_name == "qscorer-tiny"
     scores = scorer(torch.rand(2, 3, SIZE, SIZE))
     assert scores.shape == (2,) and torch.isfinite(scores).all()
 
 
+def test_the_byte_comparison_names_each_file_that_differs(tmp_path):
+    assert reproduce.differences(BUNDLED_DEFAULT) == []
+    copy = shutil.copytree(BUNDLED_DEFAULT, tmp_path / "copy")
+    head = bytearray((copy / "head.safetensors").read_bytes())
+    head[-1] ^= 1
+    (copy / "head.safetensors").write_bytes(bytes(head))
+    (copy / "tokenizer.json").unlink()
+    (copy / "notes.txt").write_text("extra")
+    assert reproduce.differences(copy) == ["head.safetensors", "tokenizer.json (missing)", "notes.txt (extra)"]
+
+
+def test_a_recipe_whose_shards_and_datasets_disagree_is_refused(tmp_path):
+    data = config_to_dict(load_config(TinyRecipe, RECIPE))
+    data["shards"][0]["dataset"] = "nope"
+    with pytest.raises(ValueError, match="shard for dataset 'nope'"):
+        config_from_dict(TinyRecipe, data)
+    data["shards"][0]["dataset"] = "synthetic-train"
+    data["shards"][0]["synthetic"]["group_size"] = 2
+    with pytest.raises(ValueError, match="group_size 4, its shard's 2"):
+        config_from_dict(TinyRecipe, data)
+
+
 def test_the_base_starts_its_patch_embedding_as_a_whitened_dct_filter_bank(tmp_path):
     from transformers import AutoModelForImageTextToText
-
-    from qscorer_reward.training.make_tiny_base import dct_basis
 
     basis = dct_basis(14)
     assert torch.allclose(basis @ basis.T, torch.eye(14, dtype=torch.float64), atol=1e-12)
@@ -106,20 +121,7 @@ def test_a_grouped_shard_keeps_each_group_in_one_content(tmp_path):
         SyntheticSettings(length=10, group_size=4)
 
 
-def test_synthetic_settings_go_with_the_synthetic_format_only():
-    with pytest.raises(ValueError, match="needs the synthetic settings"):
-        DatasetConfig(name="s", path="shard", format="synthetic_iqa")
-    with pytest.raises(ValueError, match="needs the synthetic settings"):
-        DatasetConfig(name="m", path="m.csv", synthetic=SyntheticSettings(length=4))
-
-
 def test_the_vision_probe_experiment_trains_the_base_tower_and_measures_each_gap(tmp_path):
-    import importlib.util
-
-    script = RECIPE.parents[2] / "scripts" / "vision_probe_experiment.py"
-    spec = importlib.util.spec_from_file_location("vision_probe_experiment", script)
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
     base = write_tiny_base(tmp_path / "base")
     shard = ensure_synthetic_shard(tmp_path / "shard", SyntheticSettings(length=8, size=56, group_size=4, workers=1))
 

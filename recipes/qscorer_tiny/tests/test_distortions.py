@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from skimage import color
 
-from qscorer_reward.training import content
-from qscorer_reward.training.distortions import DISTORTION_TYPES, LEVELS
-from qscorer_reward.training.quality_labels import fidelity, mos_label
+from recipes.qscorer_tiny import content
+from recipes.qscorer_tiny.distortions import DISTORTION_TYPES, LEVELS
+from recipes.qscorer_tiny.quality_labels import fidelity, mos_label
 
 SIZE = 64
 

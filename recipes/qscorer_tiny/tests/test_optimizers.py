@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from qscorer_reward.training.optimizers import MuonWithAdamW, muon_parameter_names, orthogonalise
+from recipes.qscorer_tiny.optimizers import MuonWithAdamW, muon_parameter_names, orthogonalise
 
 
 def gradients_for(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:

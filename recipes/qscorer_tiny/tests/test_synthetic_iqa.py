@@ -1,7 +1,6 @@
 """The synthetic IQA dataset, the held-out evaluation set, its measures, and the evaluation script
 end to end with the bundled model."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,19 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from qscorer_reward.training import content
-from qscorer_reward.training.distortions import DISTORTION_TYPES, LEVELS
-from qscorer_reward.training.synthetic_evaluation import mean_srcc_interval, spearman, summarise
-from qscorer_reward.training.synthetic_iqa import (
+from qscorer_reward.training.data import read_manifest as read_training_manifest
+from recipes.qscorer_tiny import content
+from recipes.qscorer_tiny import evaluate_synthetic_quality as script
+from recipes.qscorer_tiny.distortions import DISTORTION_TYPES, LEVELS
+from recipes.qscorer_tiny.synthetic_evaluation import mean_srcc_interval, spearman, summarise
+from recipes.qscorer_tiny.synthetic_iqa import (
     MANIFEST_COLUMNS,
     PRISTINE,
     SyntheticIQADataset,
-    read_manifest,
+    read_sample_rows,
     write_evaluation_set,
 )
 
 SIZE = 64
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_synthetic_quality.py"
 
 
 def test_samples_are_deterministic_in_seed_and_index_and_well_formed():
@@ -82,7 +82,7 @@ def test_groups_share_one_content_image_pristine_first():
 def evaluation_set(tmp_path_factory):
     directory = tmp_path_factory.mktemp("evaluation")
     manifest = write_evaluation_set(directory, crops_per_photo=2, size=SIZE, distortions=["jpeg", "lens_blur"])
-    return manifest, read_manifest(manifest)
+    return manifest, read_sample_rows(manifest)
 
 
 def test_evaluation_set_holds_held_out_crops_with_held_out_implementations(evaluation_set):
@@ -102,7 +102,7 @@ def test_evaluation_set_holds_held_out_crops_with_held_out_implementations(evalu
 
 def test_evaluation_set_is_reproducible_and_a_subset_matches_the_full_set(evaluation_set, tmp_path):
     _, rows = evaluation_set
-    subset = read_manifest(write_evaluation_set(tmp_path, crops_per_photo=1, size=SIZE, distortions=["lens_blur"]))
+    subset = read_sample_rows(write_evaluation_set(tmp_path, crops_per_photo=1, size=SIZE, distortions=["lens_blur"]))
     by_key = {(row["group"], row["distortion"], row["level"]): row for row in rows}
     for row in subset:
         original = by_key[(row["group"], row["distortion"], row["level"])]
@@ -111,8 +111,6 @@ def test_evaluation_set_is_reproducible_and_a_subset_matches_the_full_set(evalua
 
 
 def test_the_training_modules_manifest_reader_takes_the_evaluation_set(evaluation_set):
-    from qscorer_reward.training.datasets import read_manifest as read_training_manifest
-
     manifest, rows = evaluation_set
     records = read_training_manifest(manifest)
     assert [Path(record.path).resolve() for record in records] == [row["image"] for row in rows]
@@ -178,15 +176,7 @@ def test_spearman_is_zero_without_ranking_information():
     assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_synthetic_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_evaluation_script_scores_the_bundled_model_end_to_end(tmp_path, capsys):
-    script = _load_script()
     arguments = ["--eval-dir", str(tmp_path / "set"), "--crops-per-photo", "1", "--size", str(SIZE)]
     arguments += ["--distortions", "jpeg,white_noise,gaussian_blur", "--json", str(tmp_path / "result.json")]
     assert script.main(arguments) == 0

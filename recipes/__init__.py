@@ -1,0 +1,1 @@
+"""How models were made; not part of the installed package (each recipe has a README)."""
