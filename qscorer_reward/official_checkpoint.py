@@ -261,7 +261,9 @@ def merge_lora(state: dict[str, torch.Tensor], lora_dir: Path) -> None:
     for name, tensor in adapter.items():
         module, dot, part = name.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if not (name.startswith(PEFT_PREFIX) and dot and part in ("A.weight", "B.weight")):
-            raise ValueError(f"{path}: tensor {name!r} is not a LoRA A/B weight (base_model.model.<module>.lora_A.weight)")
+            raise ValueError(
+                f"{path}: tensor {name!r} is not a LoRA A/B weight (base_model.model.<module>.lora_A.weight)"
+            )
         pairs.setdefault(module, {})[part[0]] = tensor
     for module, pair in pairs.items():
         target = f"{module}.weight"
@@ -337,7 +339,8 @@ def read_processor_config(base_dir: Path, image_size: int) -> dict:
     if sizes != {image_size} or processor.get("resample", 3) != 3:
         raise ValueError(
             f"{path}: expected bicubic resizing (resample 3) to {image_size} px, the vision tower's input size; "
-            f"got size {processor.get('size')}, crop_size {processor.get('crop_size')}, resample {processor.get('resample')}"
+            f"got size {processor.get('size')}, crop_size {processor.get('crop_size')}, "
+            f"resample {processor.get('resample')}"
         )
     return processor
 

@@ -94,7 +94,8 @@ class MplugOwl2Config(PreTrainedConfig):
         if self.hidden_act != "silu" or self.attention_bias or self.tie_word_embeddings:
             raise ValueError(
                 "mPLUG-Owl2 configs have hidden_act 'silu', no attention bias and untied embeddings; got "
-                f"{self.hidden_act!r}, attention_bias={self.attention_bias}, tie_word_embeddings={self.tie_word_embeddings}"
+                f"{self.hidden_act!r}, attention_bias={self.attention_bias}, "
+                f"tie_word_embeddings={self.tie_word_embeddings}"
             )
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if rope_type != "default":

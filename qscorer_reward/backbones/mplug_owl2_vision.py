@@ -290,9 +290,7 @@ class AbstractorLayer(GradientCheckpointingLayer):
 class AbstractorEncoder(nn.Module):
     def __init__(self, config: AbstractorConfig, num_vision_tokens: int):
         super().__init__()
-        self.layers = nn.ModuleList(
-            AbstractorLayer(config, num_vision_tokens) for _ in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(AbstractorLayer(config, num_vision_tokens) for _ in range(config.num_hidden_layers))
 
     def forward(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
