@@ -255,3 +255,26 @@ def test_half_precision_and_gradient_checkpointing(tiny_release):
     assert len(calls) == 4  # each pass recomputed in backward
     full.gradient_checkpointing_disable()
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_every_input_kind_scores_and_bad_input_is_refused_as_for_any_scorer(tiny_release, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    scorer = QScorer.from_pretrained(tiny_release[0], base_model=tiny_release[1])
+    array = np.random.default_rng(0).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "image.png")
+    expected = scorer(torch.from_numpy(array).permute(2, 0, 1))  # uint8: the reference's PIL path
+    for images in (array, Image.fromarray(array), tmp_path / "image.png", [str(tmp_path / "image.png")]):
+        assert torch.equal(scorer(images), expected)
+    grey = np.full((20, 20), 90, dtype=np.uint8)
+    assert torch.equal(scorer(grey), scorer(np.repeat(grey[..., None], 3, axis=-1)))
+    assert scorer(np.stack([array, array])).shape == (2,)
+    for images, error, message in (
+        (42, TypeError, "got int"),
+        ([IMAGES[0], {"a": 1}], TypeError, r"images\[1\] has unsupported type dict"),
+        (IMAGES * 255, ValueError, "0..255"),
+        ([], ValueError, "empty batch"),
+    ):
+        with pytest.raises(error, match=message):
+            scorer(images)

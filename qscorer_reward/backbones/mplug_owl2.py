@@ -421,8 +421,8 @@ class MplugOwl2Backbone(Backbone):
     ) -> torch.Tensor | list[torch.Tensor]:
         """As `Backbone.to_pixels`, except that 8-bit images stay uint8 ``[3, H, W]`` on the CPU,
         for the reference's PIL path."""
+        pixels = to_unit_pixels(images, input_range, None, max_image_pixels)  # validates ``images``
         eight_bit = _eight_bit_flags(images)
-        pixels = to_unit_pixels(images, input_range, None, max_image_pixels)
         if isinstance(pixels, torch.Tensor):  # one batched tensor or array
             return _to_uint8(pixels) if eight_bit[0] else pixels.to(device)
         return [_to_uint8(p) if flag else p.to(device) for p, flag in zip(pixels, eight_bit)]
