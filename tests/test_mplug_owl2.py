@@ -144,6 +144,13 @@ def test_the_state_dict_has_the_released_names_and_shapes():
                     "mlp.4.weight": (1, 8), "mlp.4.bias": (1,)}  # fmt: skip
 
 
+def test_a_fresh_models_sincos_tables_are_the_released_buffers():
+    attention = scorer().backbone.model.model.visual_abstractor.encoder.layers[0].crossattention.attention
+    queries, keys = attention.sincos_tables()
+    torch.testing.assert_close(queries, attention.q_pos_embed, rtol=0, atol=1e-6)
+    torch.testing.assert_close(keys, attention.k_pos_embed, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("stem", IMAGES)
 def test_pixels_from_files_are_the_references_bit_for_bit(stem):
     backbone = scorer().backbone

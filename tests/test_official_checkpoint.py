@@ -278,3 +278,19 @@ def test_every_input_kind_scores_and_bad_input_is_refused_as_for_any_scorer(tiny
     ):
         with pytest.raises(error, match=message):
             scorer(images)
+
+
+def test_lora_on_the_released_targets_trains_through_both_passes(tiny_release):
+    """What score-token fine-tuning of this backbone will do: peft LoRA on ``q_proj`` and the image
+    expert ``v_proj.multiway.1``, the gradient of the score reaching them through the cached pass."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    scorer = QScorer.from_pretrained(tiny_release[0], base_model=tiny_release[1])
+    model = scorer.backbone.model
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj.multiway.1"]), model)
+    lora = {name: param for name, param in model.named_parameters() if "lora_" in name}
+    assert {name.split(".self_attn.")[1].split(".lora_")[0] for name in lora} == {"q_proj", "v_proj.multiway.1"}
+    for param in lora.values():
+        param.requires_grad_(True)
+    scorer(IMAGES).sum().backward()
+    assert all(lora[name].grad.abs().sum() > 0 for name in lora if ".lora_B." in name)

@@ -109,6 +109,7 @@ def test_a_grpo_trainer_step_takes_its_reward_from_the_papers_model(scorer, tmp_
     assert image_scores.min() - 1e-5 <= logged[0]["rewards/qscorer/mean"] <= image_scores.max() + 1e-5
 
 
+@pytest.mark.slow
 def test_convert_official_and_score_from_the_command_line(tmp_path):
     command = [sys.executable, "-m", "qscorer_reward.cli"]
     output = tmp_path / "qscorer-official"

@@ -307,7 +307,7 @@ class MplugOwl2ForCausalLM(PreTrainedModel):
 
     config_class = MplugOwl2Config
     base_model_prefix = "model"
-    main_input_name = "input_ids"
+    main_input_name = "inputs_embeds"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["DecoderLayer", "VisionLayer", "AbstractorLayer"]
@@ -341,7 +341,9 @@ class MplugOwl2ForCausalLM(PreTrainedModel):
             init.normal_(module.query_embeds, std=std)
             init.normal_(module.vit_eos, std=std)
         elif isinstance(module, AbstractorAttention):
-            module.reset_position_embeddings()
+            queries, keys = module.sincos_tables()
+            init.copy_(module.q_pos_embed, queries)
+            init.copy_(module.k_pos_embed, keys)
 
     def forward(
         self,

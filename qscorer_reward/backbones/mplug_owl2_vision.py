@@ -216,17 +216,15 @@ class AbstractorAttention(nn.Module):
         self.query = nn.Linear(width, width)
         self.key = nn.Linear(width, width)
         self.value = nn.Linear(width, width)
-        # Stored in the released checkpoint (persistent buffers); `reset_position_embeddings` fills a fresh model.
+        # Stored in the released checkpoint (persistent buffers); a fresh model gets `sincos_tables`.
         self.register_buffer("q_pos_embed", torch.zeros(config.num_learnable_queries, width))
         self.register_buffer("k_pos_embed", torch.zeros(num_vision_tokens, width))
         self.grid_size = config.grid_size
 
-    @torch.no_grad()
-    def reset_position_embeddings(self) -> None:
-        width = self.q_pos_embed.shape[1]
-        queries = sincos_embedding_1d(width, torch.arange(self.q_pos_embed.shape[0]))
-        self.q_pos_embed.copy_(queries)
-        self.k_pos_embed.copy_(sincos_embedding_2d(width, self.grid_size))
+    def sincos_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values ``q_pos_embed`` and ``k_pos_embed`` were made with (float32, on the CPU)."""
+        num_queries, width = self.q_pos_embed.shape
+        return sincos_embedding_1d(width, torch.arange(num_queries)), sincos_embedding_2d(width, self.grid_size)
 
     def forward(self, queries: torch.Tensor, keys_and_values: torch.Tensor) -> torch.Tensor:
         """``queries`` ``[B, Q, D]`` (normalised), ``keys_and_values`` ``[B, Q + 1 + N, D]`` -> ``[B, Q, D]``."""
