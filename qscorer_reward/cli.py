@@ -55,7 +55,8 @@ def _load_scorer(args: argparse.Namespace, device, report: bool = True):
             print(f"warning: {warning.message}", file=sys.stderr)
         name = scorer.config.model_name or args.model or "bundled default"
         low, high = scorer.score_range
-        print(f"model: {name}; scores in [{low:g}, {high:g}], higher is better", file=sys.stderr)
+        nominal = " (nominally: unclamped)" if scorer.config.score_bound == "none" else ""
+        print(f"model: {name}; scores in [{low:g}, {high:g}]{nominal}, higher is better", file=sys.stderr)
     return scorer
 
 

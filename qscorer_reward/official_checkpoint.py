@@ -315,8 +315,7 @@ def read_base_tokenizer(base_dir: Path):
     if not (base_dir / "tokenizer.json").is_file():
         if not (base_dir / "tokenizer.model").is_file():
             raise FileNotFoundError(f"{base_dir}: no tokenizer.model or tokenizer.json (the LLaMA-2 tokenizer)")
-        missing = [package for package, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
-                   if not _installed(module)]  # fmt: skip
+        missing = missing_official_packages()
         if missing:
             raise ImportError(
                 f"reading {base_dir / 'tokenizer.model'} (the LLaMA-2 tokenizer of the released base) needs "
@@ -352,8 +351,15 @@ def _side(size) -> int:
     return int(size)
 
 
-def _installed(module: str) -> bool:
-    try:
-        return find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is missing
-        return False
+def missing_official_packages() -> list[str]:
+    """The packages of the ``[official]`` extra that are not installed (transformers reads a
+    SentencePiece ``tokenizer.model`` with them)."""
+    missing = []
+    for package, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf")):
+        try:
+            found = find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            found = False
+        if not found:
+            missing.append(package)
+    return missing

@@ -167,7 +167,7 @@ class QScorer(nn.Module):
             merge_lora: merge a LoRA adapter into the base weights (fastest for scoring).
             base_model: with a checkpoint in the paper's released layout (``2kxx/Qscorer_lora_5_1``
                 or a local copy), its base model (``MAGAer13/mplug-owl2-llama2-7b`` or a local copy);
-                see `qscorer_reward.official_checkpoint`.
+                see `qscorer_reward.official_checkpoint`. Its LoRA is always merged.
             score_bound: override the checkpoint's `QScorerConfig.score_bound`, e.g.
                 ``"soft_clamp"`` to keep an unbounded model's rewards within `score_range`.
         """

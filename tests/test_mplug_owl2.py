@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from qscorer_reward import QScorer
 from qscorer_reward.backbones.mplug_owl2 import IMAGE_TOKEN_INDEX, MPLUG_OWL2_PROMPT_TEMPLATE
-from qscorer_reward.official_checkpoint import _installed
+from qscorer_reward.official_checkpoint import missing_official_packages
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "qscorer_official_tiny"
 VARIANTS = ("lora_full_dump", "lora_subset")
@@ -22,7 +22,7 @@ STAGE_TOLERANCE = 1e-4
 pytestmark = [
     pytest.mark.skipif(not FIXTURE.is_dir(), reason="needs ../shared/fixtures/qscorer_official_tiny (golden data)"),
     pytest.mark.skipif(
-        not (_installed("sentencepiece") and _installed("google.protobuf")),
+        bool(missing_official_packages()),
         reason="the fixture's tokenizer.model needs sentencepiece and protobuf: pip install -e '.[official]'",
     ),
     pytest.mark.usefixtures("one_torch_thread"),

@@ -186,7 +186,7 @@ def test_a_tokenizer_model_without_sentencepiece_names_the_extra(editable_releas
     lora, base = editable_release
     (base / "tokenizer.json").unlink()
     (base / "tokenizer.model").write_bytes(b"")
-    monkeypatch.setattr(official_checkpoint, "_installed", lambda module: False)
+    monkeypatch.setattr(official_checkpoint, "missing_official_packages", lambda: ["sentencepiece", "protobuf"])
     with pytest.raises(
         ImportError, match=r"needs sentencepiece and protobuf: pip install 'qscorer-reward\[official\]'"
     ):

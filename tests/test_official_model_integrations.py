@@ -18,7 +18,7 @@ from qscorer_reward import QScorer
 from qscorer_reward.integrations.ddpo import QScorerDDPOReward
 from qscorer_reward.integrations.diffusers import QScorerGuidance, QualityGate, best_of_n
 from qscorer_reward.integrations.trl import QScorerRewardFunc
-from qscorer_reward.official_checkpoint import _installed, convert_official
+from qscorer_reward.official_checkpoint import convert_official, missing_official_packages
 from qscorer_reward.testing.pipelines import tiny_call_kwargs, tiny_pipeline
 from qscorer_reward.testing.policies import tiny_policy
 
@@ -28,7 +28,7 @@ PROMPTS = ["a cat on a sofa", "a red car", "a mountain lake", "a bowl of fruit"]
 pytestmark = [
     pytest.mark.skipif(not FIXTURE.is_dir(), reason="needs ../shared/fixtures/qscorer_official_tiny (golden data)"),
     pytest.mark.skipif(
-        not (_installed("sentencepiece") and _installed("google.protobuf")),
+        bool(missing_official_packages()),
         reason="the fixture's tokenizer.model needs sentencepiece and protobuf: pip install -e '.[official]'",
     ),
     pytest.mark.usefixtures("one_torch_thread"),
