@@ -23,7 +23,9 @@ class BackboneInputs:
             prefix, K score tokens).
         attention_mask: ``[B, L]`` int64 (1 = real token), or ``None`` when nothing is padded.
         score_positions: ``[B]`` int64, the position whose hidden state predicts the first score
-            token (the last token of the answer prefix); the K score tokens follow it.
+            token (the last token of the answer prefix); the K score tokens follow it. (A family
+            that scores at a token it generates, as mPLUG-Owl2 does, points at that token's row of
+            what `Backbone.forward` returns.)
         model_inputs: the family's other forward arguments (pixel values, grids, position ids).
     """
 
