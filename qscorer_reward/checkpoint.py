@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .backbones import backbone_class
 from .config import CONFIG_NAME, QScorerConfig
 from .head import ScoreHead
 from .score_tokens import set_score_token_rows
@@ -181,6 +182,7 @@ def load_checkpoint(
 
     directory = resolve_checkpoint(path)
     config = QScorerConfig.from_json_file(directory / CONFIG_NAME)
+    backbone_class(config.backbone_family)  # refuses an unknown family; imports (registers) a native one
     head_state = read_safetensors(directory / HEAD_FILE, "the score head")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -211,7 +213,7 @@ def load_checkpoint(
             adapter_merged = merge_lora
 
     hidden_size = model.get_input_embeddings().weight.shape[1]
-    head = ScoreHead(hidden_size, config.head_hidden_sizes, config.score_range, config.score_bound_sharpness)
+    head = ScoreHead.from_config(hidden_size, config)
     expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}
     check_tensors(head_state, expected, directory / HEAD_FILE)
     head.load_state_dict(head_state)

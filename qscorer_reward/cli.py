@@ -7,6 +7,8 @@
 - ``qscorer train --config FILE.yaml`` fine-tunes a Q-Scorer (also under ``accelerate launch``).
 - ``qscorer eval --checkpoint DIR (--dataset NAME --root DIR | --manifest FILE)`` reports SRCC,
   PLCC, KRCC and RMSE on a dataset.
+- ``qscorer convert-official LORA_DIR --base-model BASE_DIR --output OUT`` converts the paper's
+  released checkpoint to this package's format (see `qscorer_reward.official_checkpoint`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def _load_scorer(args: argparse.Namespace, device, report: bool = True):
             print(f"warning: {warning.message}", file=sys.stderr)
         name = scorer.config.model_name or args.model or "bundled default"
         low, high = scorer.score_range
-        print(f"model: {name}; scores in [{low:g}, {high:g}], higher is better", file=sys.stderr)
+        nominal = " (nominally: unclamped)" if scorer.config.score_bound == "none" else ""
+        print(f"model: {name}; scores in [{low:g}, {high:g}]{nominal}, higher is better", file=sys.stderr)
     return scorer
 
 
@@ -209,6 +212,45 @@ def _eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_official_command(args: argparse.Namespace) -> int:
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from .official_checkpoint import convert_official
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        print(f"error: {output} exists: pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    transformers_logging.disable_progress_bar()
+    try:
+        converted = convert_official(
+            args.checkpoint, args.base_model, output, dtype=getattr(torch, args.dtype) if args.dtype else None
+        )
+    except (OSError, ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dtype = converted.model.get_input_embeddings().weight.dtype
+    print(f"wrote {output} ({converted.config.model_name}, {dtype}); use it as --model {output}", file=sys.stderr)
+    return 0
+
+
+def _add_convert_official_parser(commands) -> None:
+    convert = commands.add_parser(
+        "convert-official", help="convert the paper's released Q-Scorer (LoRA on mPLUG-Owl2) to this package's format"
+    )
+    convert.add_argument(
+        "checkpoint", metavar="LORA_DIR", help="the release: a folder or hub id (2kxx/Qscorer_lora_5_1)"
+    )
+    convert.add_argument(
+        "--base-model", required=True, help="its base: a folder or hub id (MAGAer13/mplug-owl2-llama2-7b)"
+    )
+    convert.add_argument("--output", required=True, help="the checkpoint folder to write")
+    convert.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default: the base's)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    convert.set_defaults(run=_convert_official_command)
+
+
 def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cpu; under accelerate: its)")
@@ -280,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", choices=DTYPES, default=None, help="backbone weight dtype")
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     evaluate.set_defaults(run=_eval_command)
+    _add_convert_official_parser(commands)
     return parser
 
 

@@ -15,6 +15,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# How the head's output is bounded to `score_range`: smoothly (gradient everywhere), by a hard clamp
+# (as the paper's training loss), or not at all (as the paper's evaluation).
+SCORE_BOUNDS = ("soft_clamp", "clamp", "none")
+
 # Qwen chat layout; `{image}` is replaced by the vision-start token, the image tokens and the
 # vision-end token. The score tokens are appended after the template.
 QWEN_PROMPT_TEMPLATE = (
@@ -42,6 +46,10 @@ class QScorerConfig:
         score_range: ``(low, high)`` of the MOS scale the head regresses; scores lie within it.
         score_bound_sharpness: beta of the smooth clamp that bounds the head output (see
             `qscorer_reward.head.soft_clamp`); larger is closer to a hard clamp.
+        score_bound: one of `SCORE_BOUNDS`: ``"soft_clamp"`` (scores lie within `score_range`),
+            ``"clamp"`` or ``"none"`` (the raw regression output; `score_range` is then nominal).
+        head_centered: the head regresses the offset from the middle of `score_range` (this
+            package's heads) rather than the score itself (the released mPLUG-Owl2 head).
         min_pixels / max_pixels: pixel budget of the resized image fed to the vision tower.
         patch_size / merge_size / temporal_patch_size: the vision tower's patching (filled in from
             the backbone).
@@ -60,6 +68,8 @@ class QScorerConfig:
     head_hidden_sizes: list[int] | None = None
     score_range: tuple[float, float] = (1.0, 5.0)
     score_bound_sharpness: float = 8.0
+    score_bound: str = "soft_clamp"
+    head_centered: bool = True
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448
     patch_size: int = 14
@@ -83,6 +93,8 @@ class QScorerConfig:
         low, high = self.score_range
         if not low < high:
             raise ValueError(f"score_range must be (low, high) with low < high, got {self.score_range}")
+        if self.score_bound not in SCORE_BOUNDS:
+            raise ValueError(f"score_bound must be one of {SCORE_BOUNDS}, got {self.score_bound!r}")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(
                 f"pixel budget must satisfy 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}"

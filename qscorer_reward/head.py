@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import SCORE_BOUNDS, QScorerConfig
+
 
 def soft_clamp(x: torch.Tensor, low: float, high: float, sharpness: float) -> torch.Tensor:
     """Bound ``x`` to ``[low, high]`` without killing its gradient (open interval in exact
@@ -24,13 +26,18 @@ def soft_clamp(x: torch.Tensor, low: float, high: float, sharpness: float) -> to
 class ScoreHead(nn.Module):
     """MLP ``h -> h/2 -> h/4 -> 1`` (ReLU, Kaiming-normal weights, zero biases), kept in float32.
 
-    Output = ``soft_clamp(mid + mlp(hidden))`` with ``mid`` the middle of the score range.
+    Output = ``soft_clamp(mid + mlp(hidden))`` with ``mid`` the middle of the score range (by
+    default; see ``bound`` and ``centered``).
 
     Args:
         hidden_size: width ``h`` of the backbone's last hidden state.
         hidden_sizes: widths of the hidden layers; default ``[h // 2, h // 4]`` as in the release.
-        score_range: ``(low, high)``; outputs lie inside it (see `soft_clamp`).
+        score_range: ``(low, high)``; outputs lie inside it (see `soft_clamp`) unless ``bound`` is ``"none"``.
         sharpness: beta of `soft_clamp`.
+        bound: ``"soft_clamp"``, ``"clamp"`` (``torch.clamp``, as the paper's training loss) or
+            ``"none"`` (the raw output, as the paper's evaluation reports it).
+        centered: add ``mid`` to the MLP's output (False for the released mPLUG-Owl2 head, which
+            regresses the score itself).
 
     Input: ``[B, h]`` hidden states of any float dtype. Output: ``[B]`` scores in the head's dtype:
     float32, as the head never goes below it (``.double()`` is allowed, for numerical checks).
@@ -42,8 +49,12 @@ class ScoreHead(nn.Module):
         hidden_sizes: list[int] | None = None,
         score_range: tuple[float, float] = (1.0, 5.0),
         sharpness: float = 8.0,
+        bound: str = "soft_clamp",
+        centered: bool = True,
     ) -> None:
         super().__init__()
+        if bound not in SCORE_BOUNDS:
+            raise ValueError(f"bound must be one of {SCORE_BOUNDS}, got {bound!r}")
         hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [hidden_size // 2, hidden_size // 4]
         widths = [hidden_size, *hidden_sizes, 1]
         layers: list[nn.Module] = []
@@ -58,19 +69,38 @@ class ScoreHead(nn.Module):
         self.hidden_sizes = hidden_sizes
         self.score_range = (float(score_range[0]), float(score_range[1]))
         self.sharpness = float(sharpness)
+        self.bound = bound
+        self.centered = centered
+
+    @classmethod
+    def from_config(cls, hidden_size: int, config: QScorerConfig) -> ScoreHead:
+        """The head a checkpoint's config describes, for a backbone of width ``hidden_size``."""
+        return cls(
+            hidden_size,
+            config.head_hidden_sizes,
+            config.score_range,
+            config.score_bound_sharpness,
+            config.score_bound,
+            config.head_centered,
+        )
 
     def raw_score(self, hidden: torch.Tensor) -> torch.Tensor:
         """Unbounded regression output ``[B]`` float32 (what a training loss may also read).
 
-        The MLP regresses the offset from the middle of the score range, so that a fresh head
-        (zero biases, as released) starts in the linear part of the bound, not pinned at one end.
+        The MLP regresses the offset from the middle of the score range (when ``centered``), so that
+        a fresh head (zero biases, as released) starts in the linear part of the bound, not pinned
+        at one end.
         """
         low, high = self.score_range
-        return (low + high) / 2 + self.mlp(hidden.to(self.mlp[0].weight.dtype)).squeeze(-1)
+        raw = self.mlp(hidden.to(self.mlp[0].weight.dtype)).squeeze(-1)
+        return raw + (low + high) / 2 if self.centered else raw
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         low, high = self.score_range
-        return soft_clamp(self.raw_score(hidden), low, high, self.sharpness)
+        raw = self.raw_score(hidden)
+        if self.bound == "soft_clamp":
+            return soft_clamp(raw, low, high, self.sharpness)
+        return raw.clamp(low, high) if self.bound == "clamp" else raw
 
     def _apply(self, fn, recurse=True):
         # Never below float32, whatever `.to(dtype)` / `.half()` the enclosing model receives: the

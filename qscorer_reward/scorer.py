@@ -14,9 +14,10 @@ from torch import nn
 
 from .backbones import Backbone, BackboneInputs, backbone_class
 from .checkpoint import load_checkpoint, lora_adapter, write_checkpoint
-from .config import CLIP_MEAN, CLIP_STD, QWEN_PROMPT_TEMPLATE, QScorerConfig
+from .config import CLIP_MEAN, CLIP_STD, QWEN_PROMPT_TEMPLATE, SCORE_BOUNDS, QScorerConfig
 from .head import ScoreHead
-from .preprocessing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, to_unit_pixels
+from .official_checkpoint import is_released_layout, load_official
+from .preprocessing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput
 from .score_tokens import add_score_tokens, get_score_token_rows
 
 
@@ -116,7 +117,8 @@ class QScorer(nn.Module):
         )
         config.score_token_ids = add_score_tokens(model, tokenizer, config.score_tokens)
         hidden_size = model.get_input_embeddings().weight.shape[1]
-        head = ScoreHead(hidden_size, head_hidden_sizes, config.score_range, config.score_bound_sharpness)
+        config.head_hidden_sizes = head_hidden_sizes
+        head = ScoreHead.from_config(hidden_size, config)
         config.head_hidden_sizes = head.hidden_sizes
         scorer = cls.assemble(config, model, tokenizer, head)
         return scorer.to(device) if device is not None else scorer
@@ -135,12 +137,8 @@ class QScorer(nn.Module):
                 f"the tokenizer maps the score tokens {config.score_tokens} to ids {ids}, but the "
                 f"checkpoint was trained with ids {config.score_token_ids}"
             )
-        prefix, suffix = config.prompt_template.split("{image}")
-        prompt_ids = (
-            tokenizer(prefix, add_special_tokens=False)["input_ids"],
-            tokenizer(suffix, add_special_tokens=False)["input_ids"],
-        )
-        backbone = backbone_class(config.backbone_family)(model, config, prompt_ids)
+        family = backbone_class(config.backbone_family)
+        backbone = family(model, config, family.prompt_ids(tokenizer, config.prompt_template))
         return cls(config, backbone, head, tokenizer)
 
     @classmethod
@@ -153,6 +151,8 @@ class QScorer(nn.Module):
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
         merge_lora: bool = True,
+        base_model: str | os.PathLike | None = None,
+        score_bound: str | None = None,
     ) -> QScorer:
         """Load a Q-Scorer checkpoint (see `qscorer_reward.checkpoint`); no ``path`` loads the
         bundled default. Weights come back frozen, the model in eval mode.
@@ -164,16 +164,26 @@ class QScorer(nn.Module):
             attn_implementation: transformers attention backend (``"sdpa"``, ``"flash_attention_2"``...).
             trust_remote_code: only for base models that need it; never set implicitly.
             merge_lora: merge a LoRA adapter into the base weights (fastest for scoring).
+            base_model: with a checkpoint in the paper's released layout (``2kxx/Qscorer_lora_5_1``
+                or a local copy), its base model (``MAGAer13/mplug-owl2-llama2-7b`` or a local copy);
+                see `qscorer_reward.official_checkpoint`. Its LoRA is always merged.
+            score_bound: override the checkpoint's `QScorerConfig.score_bound`, e.g.
+                ``"soft_clamp"`` to keep an unbounded model's rewards within `score_range`.
         """
-        loaded = load_checkpoint(
-            path,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            merge_lora=merge_lora,
-        )
+        if base_model is not None or is_released_layout(path):
+            loaded = load_official(path, base_model, dtype=dtype)
+        else:
+            loaded = load_checkpoint(
+                path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+                merge_lora=merge_lora,
+            )
         scorer = cls.assemble(loaded.config, loaded.model, loaded.tokenizer, loaded.head)
         scorer.adapter_merged = loaded.adapter_merged
+        if score_bound is not None:
+            scorer.set_score_bound(score_bound)
         scorer.requires_grad_(False).eval()
         return scorer.to(device) if device is not None else scorer
 
@@ -196,11 +206,18 @@ class QScorer(nn.Module):
             }
         write_checkpoint(path, config, self.head.state_dict(), self.tokenizer, **parts)
 
+    def set_score_bound(self, score_bound: str) -> None:
+        """How scores are bounded from now on: ``"soft_clamp"``, ``"clamp"`` or ``"none"``
+        (`QScorerConfig.score_bound`; saved with the checkpoint)."""
+        if score_bound not in SCORE_BOUNDS:
+            raise ValueError(f"score_bound must be one of {SCORE_BOUNDS}, got {score_bound!r}")
+        self.config.score_bound = self.head.bound = score_bound
+
     # ------------------------------------------------------------------ properties
 
     @property
     def score_range(self) -> tuple[float, float]:
-        """``(low, high)``: scores lie within it."""
+        """``(low, high)``: scores lie within it (nominal when `QScorerConfig.score_bound` is ``"none"``)."""
         return self.config.score_range
 
     @property
@@ -234,7 +251,7 @@ class QScorer(nn.Module):
         weights_need_grad = any(p.requires_grad for p in self.parameters())
         scores = []
         for chunk in _chunks(images, batch_size):
-            pixels = to_unit_pixels(chunk, input_range, self.device, self.max_image_pixels)
+            pixels = self.backbone.to_pixels(chunk, input_range, self.device, self.max_image_pixels)
             pixels_need_grad = (
                 pixels.requires_grad if isinstance(pixels, torch.Tensor) else any(p.requires_grad for p in pixels)
             )

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qscorer_reward.config import QScorerConfig
+from qscorer_reward.preprocessing import ImageInput, to_unit_pixels
 
 
 @dataclass
@@ -22,7 +23,9 @@ class BackboneInputs:
             prefix, K score tokens).
         attention_mask: ``[B, L]`` int64 (1 = real token), or ``None`` when nothing is padded.
         score_positions: ``[B]`` int64, the position whose hidden state predicts the first score
-            token (the last token of the answer prefix); the K score tokens follow it.
+            token (the last token of the answer prefix); the K score tokens follow it. (A family
+            that scores at a token it generates, as mPLUG-Owl2 does, points at that token's row of
+            what `Backbone.forward` returns.)
         model_inputs: the family's other forward arguments (pixel values, grids, position ids).
     """
 
@@ -37,6 +40,7 @@ class Backbone(nn.Module, ABC):
 
     Subclasses set `model_types` (the transformers ``config.model_type`` values they handle) and
     implement `prepare` and `forward`; everything else (score tokens, head, checkpoints) is shared.
+    A family whose reference tokenizes or decodes differently overrides `prompt_ids` or `to_pixels`.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -48,6 +52,26 @@ class Backbone(nn.Module, ABC):
         self.model = model
         self.config = config
         self.prefix_ids, self.suffix_ids = prompt_ids
+
+    @classmethod
+    def prompt_ids(cls, tokenizer, template: str) -> tuple[list[int], list[int]]:
+        """The token ids of ``template`` before and after its ``{image}`` placeholder."""
+        prefix, suffix = template.split("{image}")
+        return (
+            tokenizer(prefix, add_special_tokens=False)["input_ids"],
+            tokenizer(suffix, add_special_tokens=False)["input_ids"],
+        )
+
+    def to_pixels(
+        self,
+        images: ImageInput,
+        input_range: tuple[float, float],
+        device: torch.device | str | None,
+        max_image_pixels: int,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """What users pass as images -> what `prepare` takes: float RGB pixels in [0, 1] on
+        ``device`` (see `qscorer_reward.preprocessing.to_unit_pixels`)."""
+        return to_unit_pixels(images, input_range, device, max_image_pixels)
 
     @property
     def hidden_size(self) -> int:
