@@ -79,7 +79,7 @@ def _score_output_problem(args: argparse.Namespace, output_format: str, num_proc
     if args.report:
         from .report import report_output_problem
 
-        if output_format == "table":
+        if output_format == "table" or not args.output:
             return "--report needs a CSV or JSONL --output to build the page from (e.g. --output scores.csv)"
         return report_output_problem(Path(args.report), Path(args.output))
     return None

@@ -192,6 +192,9 @@ def test_score_writes_the_report_after_the_run(tmp_path, model_dir, capsys):
 
 def test_score_refuses_a_report_without_a_row_file_before_scoring(tmp_path, model_dir, capsys):
     make_scored_folder(tmp_path, {"a.png": (32, 32)})
-    assert main(["score", str(tmp_path / "a.png"), "--model", str(model_dir), "--report", "r.html"]) == 2
-    captured = capsys.readouterr()
-    assert "--report needs a CSV or JSONL --output" in captured.err and captured.out == ""
+    for output in ([], ["--format", "csv"], ["--output", str(tmp_path / "scores.txt")]):
+        args = ["score", str(tmp_path / "a.png"), "--model", str(model_dir), *output, "--report", "r.html"]
+        assert main(args) == 2
+        captured = capsys.readouterr()
+        assert "--report needs a CSV or JSONL --output" in captured.err and captured.out == ""
+    assert not (tmp_path / "scores.txt").exists()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import subprocess
@@ -92,6 +94,8 @@ def test_gallery_shows_one_card_per_scored_image_in_score_order(browser, site):
     cards = _cards(browser)
     assert [(score, name) for score, name, _ in cards] == scored
     assert all(alt.startswith(f"{name}, score {score:.3f}") for score, name, alt in cards)  # alt text: name and score
+    titles = browser.execute_script("return [...document.querySelectorAll('#gallery .card')].map(card => card.title)")
+    assert titles == [path for _, path in ordered]  # the path on hover
     loaded = browser.execute_script(
         "return [...document.querySelectorAll('#gallery img')].filter(i => i.complete && i.naturalWidth > 0).length"
     )
@@ -228,3 +232,24 @@ def test_large_reports_file_thumbnails_beside_the_page_and_show_cards_as_you_scr
     assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery .card.below")) == count - passed
     urls = requested_urls(browser)
     assert all(url.startswith(("data:", tmp_path.as_uri())) for url in urls), urls
+
+
+PAGE_TIMINGS = ("first_paint_ms", "first_contentful_paint_ms", "first_cards_ms", "load_ms", "threshold_sweep_ms",
+                "sort_toggle_ms", "next_cards_ms")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_reports_every_number(tmp_path):
+    """`benchmarks/bench_report.py` on a few hundred images: every number is reported (no timing
+    assertions: the machine is shared)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_report.py"
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(script), "--images", "250", "--loads", "1", "--json", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(out.read_text())
+    numbers = [*results["report_seconds"].values(), *results["seconds_per_1000_images"].values()]
+    for page in results["chromium"].values():
+        assert page["cards"] > 0
+        numbers += [page[key] for key in PAGE_TIMINGS]
+    assert all(isinstance(number, (int, float)) and math.isfinite(number) and number >= 0 for number in numbers)

@@ -54,10 +54,9 @@
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = image.name;
-    name.title = image.path;
     caption.append(score, name);
     card.append(frame, caption);
-    card.title = image.path;
+    card.title = image.path; // the full path on hover
     return card;
   }
 
@@ -81,7 +80,6 @@
       fragment.append(cards[rank]);
     }
     gallery.append(fragment);
-    gallery.setAttribute("aria-busy", String(shown < images.length));
   }
 
   function showFromStart() {
