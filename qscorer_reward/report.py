@@ -211,8 +211,10 @@ def histogram_svg(scores: list[float], low: float, high: float, bins: int) -> st
         counts[min(bins - 1, max(0, int((score - low) / (high - low) * bins)))] += 1
     tallest = max(counts, default=0) or 1
     bin_width = (right - left) / bins
+    # The script draws the threshold at x = left + (threshold - low) / (high - low) * (right - left).
     parts = [
-        f'<svg id="histogram" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg id="histogram" viewBox="0 0 {width} {height}" role="img" data-low="{low}" data-high="{high}" '
+        f'data-left="{left}" data-right="{right}" '
         f'aria-label="Histogram of {len(scores)} scores from {low:g} to {high:g}">'
     ]
     for index, count in enumerate(counts):
@@ -226,11 +228,14 @@ def histogram_svg(scores: list[float], low: float, high: float, bins: int) -> st
         )
     parts.append(f'<rect id="histogram-below" class="below" x="{left}" y="{top}" width="0" height="{bottom - top}"/>')
     parts.append(f'<line class="axis" x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}"/>')
-    for tick in range(5):
-        value = low + (high - low) * tick / 4
-        x = left + (right - left) * tick / 4
-        anchor = ("start", "middle", "middle", "middle", "end")[tick]
-        parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="{anchor}">{value:.2f}</text>')
+    # Labels at round numbers: the smallest step (1, 2, 2.5 or 5 times a power of ten) giving at most 6.
+    steps = [mantissa * 10.0**exponent for exponent in range(-3, 6) for mantissa in (1, 2, 2.5, 5)]
+    labels = [range(math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9) + 1) for step in steps]
+    step, indices = next(((step, indices) for step, indices in zip(steps, labels) if len(indices) <= 6), (1, ()))
+    for index in indices:
+        x = left + (right - left) * (index * step - low) / (high - low)
+        parts.append(f'<line class="axis" x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 4}"/>')
+        parts.append(f'<text x="{x:.1f}" y="{bottom + 17}" text-anchor="middle">{index * step:g}</text>')
     parts.append(f'<text x="{left - 4}" y="{top + 9}" text-anchor="end">{max(counts, default=0)}</text>')
     parts.append(
         f'<line id="histogram-threshold" class="threshold" x1="{left}" y1="{top - 6}" x2="{left}" y2="{bottom}"/>'
@@ -254,11 +259,12 @@ def filter_command(score_file: Path, rows: list[ScoreRow], sources: list[str] | 
     ``score_file``. Prefixed by a ``cd`` to the current folder when relative paths need it."""
     paths = [row.path for row in rows]
     if not sources:
+        folders = [os.path.dirname(path) or "." for path in paths] or ["."]
         try:
-            folder = os.path.commonpath([os.path.dirname(path) or "." for path in paths]) if paths else "."
+            folder = os.path.commonpath(folders)
         except ValueError:  # absolute and relative paths mixed
-            folder = os.path.commonpath([str(Path(path).resolve().parent) for path in paths])
-        sources = [folder or "."]
+            folder = ""
+        sources = [folder or os.path.commonpath([str(Path(folder).resolve()) for folder in folders])]
     words = ["qscorer", "filter", *sources, "--scores", str(score_file), "--min-score"]
     command = " ".join(shlex.quote(word) for word in words) + " "
     if not all(os.path.isabs(path) for path in [*sources, str(score_file), *paths]):
@@ -331,7 +337,6 @@ def render_page(
     bins = min(50, max(10, round(2 * math.sqrt(len(scores)))))
     data = {
         "images": images,
-        "histogram": {"low": low, "high": high, "left": 34, "right": 630},
         "command": command,
         "threshold": threshold,
     }

@@ -116,6 +116,12 @@ def test_threshold_controls_count_grey_out_and_give_the_exact_filter_command(bro
         number, below, command = _threshold_state(browser)
         assert number == threshold and below == len(scores) - passed
         assert float(re.search(r"--min-score (\S+) ", command)[1]) == threshold
+        line_x, low, high, left, right = browser.execute_script(
+            "const box = document.getElementById('histogram').dataset;"
+            "return [document.getElementById('histogram-threshold').getAttribute('x1'),"
+            " box.low, box.high, box.left, box.right].map(Number);"
+        )
+        assert line_x == pytest.approx(left + (threshold - low) / (high - low) * (right - left))  # the line moved
 
     box = browser.find_element(By.ID, "threshold-input")
     box.clear()

@@ -12,6 +12,7 @@
   const command = document.getElementById("command");
   const dest = document.getElementById("dest-input");
   const copyButton = document.getElementById("copy-command");
+  const histogram = document.getElementById("histogram");
   const belowShade = document.getElementById("histogram-below");
   const thresholdLine = document.getElementById("histogram-threshold");
 
@@ -123,7 +124,7 @@
   }
 
   function updateHistogram(threshold) {
-    const { low, high, left, right } = data.histogram;
+    const [low, high, left, right] = ["low", "high", "left", "right"].map((key) => Number(histogram.dataset[key]));
     const fraction = Math.min(1, Math.max(0, (threshold - low) / (high - low)));
     const x = left + fraction * (right - left);
     belowShade.setAttribute("width", String(x - left));
