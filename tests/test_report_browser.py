@@ -1,5 +1,6 @@
 """The `qscorer report` page in a real headless Chromium (Debian's ``chromium`` and
-``chromium-driver``; `.ci/run` installs them): one browser for the module, two pages."""
+``chromium-driver``, which `.ci/run` installs), one browser session for the module; and the
+benchmark's smoke run."""
 
 from __future__ import annotations
 
