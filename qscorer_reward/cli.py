@@ -9,6 +9,8 @@
   PLCC, KRCC and RMSE on a dataset.
 - ``qscorer convert-official LORA_DIR --base-model BASE_DIR --output OUT`` converts the paper's
   released checkpoint to this package's format (see `qscorer_reward.official_checkpoint`).
+- ``qscorer report SCORES --output report.html`` writes an offline HTML gallery of a ``score``
+  output, for choosing a threshold (see `qscorer_reward.report`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def _score_output_problem(args: argparse.Namespace, output_format: str, num_proc
     existing = existing_output_files(Path(args.output)) if args.output else []
     if existing and not (args.resume or args.overwrite):
         return f"{existing[0]} exists: pass --resume to continue it or --overwrite to replace it"
+    if args.report:
+        from .report import report_output_problem
+
+        if output_format == "table" or not args.output:
+            return "--report needs a CSV or JSONL --output to build the page from (e.g. --output scores.csv)"
+        return report_output_problem(Path(args.report), Path(args.output))
     return None
 
 
@@ -115,6 +123,12 @@ def _score_command(args: argparse.Namespace) -> int:
     if state.is_main_process:
         kept = f"; {summary.kept} kept from {args.output}" if args.resume else ""
         print(f"scored {summary.scored} image(s), {summary.failed} failed{kept}", file=sys.stderr)
+    if args.report and state.is_main_process:
+        from .report import ReportModel, run_report
+
+        model = ReportModel.from_config(scorer.config, args.model)
+        report_status = run_report(Path(args.output), Path(args.report), model=model, sources=args.paths)
+        return max(summary.exit_status, min(report_status, 1))  # the scores are written whatever the page does
     return summary.exit_status
 
 
@@ -251,6 +265,17 @@ def _add_convert_official_parser(commands) -> None:
     convert.set_defaults(run=_convert_official_command)
 
 
+def _report_command(args: argparse.Namespace) -> int:
+    from .report import report_model, run_report
+
+    try:
+        model = report_model(args.model)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read --model: {err}", file=sys.stderr)
+        return 2
+    return run_report(Path(args.scores), Path(args.output), model=model, title=args.title)
+
+
 def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cpu; under accelerate: its)")
@@ -276,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue --output: keep its scored rows, score the rest"
     )
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    score.add_argument("--report", metavar="PAGE.html", help="then write `qscorer report` of --output (CSV or JSONL)")
     _add_scoring_arguments(score)
     score.set_defaults(run=_score_command)
 
@@ -323,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     evaluate.set_defaults(run=_eval_command)
     _add_convert_official_parser(commands)
+
+    report = commands.add_parser("report", help="an offline HTML gallery of `score` output, to choose a threshold")
+    report.add_argument("scores", metavar="SCORES", help="a `qscorer score` CSV or JSONL output")
+    report.add_argument("--output", default="report.html", help="the page to write (default: report.html)")
+    report.add_argument("--title", default=None, help="the page's heading (default: from the SCORES file name)")
+    report.add_argument(
+        "--model", default=None, help="checkpoint the scores came from, for its name and range (default: bundled)"
+    )
+    report.set_defaults(run=_report_command)
     return parser
 
 
