@@ -20,6 +20,7 @@ EXTRA_MODULES = {
     "trl": ("trl", "datasets"),
     "train": ("scipy",),
     "serve": ("ray",),
+    "dev": ("selenium",),  # the browser that tests the HTML report (`qscorer_reward.testing.browser`)
 }
 
 

@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from qscorer_reward.extras import require_extra
+
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -42,6 +44,7 @@ def chromium_paths() -> tuple[str, str] | None:
 def headless_chromium(width: int = 1200, height: int = 900) -> Iterator:
     """A Selenium ``webdriver.Chrome`` on a headless Chromium with a window of ``width`` x
     ``height`` CSS pixels and a throwaway profile; quit on exit."""
+    require_extra("dev", __name__)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
