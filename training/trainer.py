@@ -429,7 +429,7 @@ class ScoreTokenTrainer:
             vision_tower=config.train_vision_tower,
             merger=config.train_merger,
             language_model=config.train_language_model,
-            lm_head=config.train_lm_head,
+            lm_head=config.train_lm_head and bool(config.loss.ce),  # only the cross-entropy reads it
             output_rows=bool(config.loss.ce),
         )
         model = QScorerForTraining(
