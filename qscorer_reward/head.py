@@ -96,8 +96,11 @@ class ScoreHead(nn.Module):
         return raw + (low + high) / 2 if self.centered else raw
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.bounded(self.raw_score(hidden))
+
+    def bounded(self, raw: torch.Tensor) -> torch.Tensor:
+        """`raw_score` output ``[B]`` -> the scores ``forward`` returns, bounded as ``bound`` says."""
         low, high = self.score_range
-        raw = self.raw_score(hidden)
         if self.bound == "soft_clamp":
             return soft_clamp(raw, low, high, self.sharpness)
         return raw.clamp(low, high) if self.bound == "clamp" else raw

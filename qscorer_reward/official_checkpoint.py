@@ -20,7 +20,8 @@ tokenizer's new ids beyond the base vocabulary. Unlike the authors' loader, it r
 model does not have or of the wrong shape, naming them. Pickles are read with
 ``torch.load(weights_only=True)`` only. `convert_official` writes the result as this package's
 safetensors checkpoint (`qscorer_reward.checkpoint`), which loads without pickles, without the
-base folder and without the ``[official]`` extra.
+base folder and without the ``[official]`` extra. `load_official_base` reads the base alone, with
+new score tokens and a fresh head: where the paper's training starts (``docs/training.md``).
 """
 
 from __future__ import annotations
@@ -123,14 +124,122 @@ def load_official(
     head = head_from_deepmlp(head_state, model_config.hidden_size, lora_dir / NON_LORA_FILE)
     score_tokens = [f"<score{i + 1}>" for i in range(num_score_tokens)]
     tokenizer.add_tokens(score_tokens, special_tokens=True)
+    config = mplug_owl2_config(
+        model_config,
+        base_dir,
+        MPLUG_OWL2_PROMPT_TEMPLATE,
+        num_score_tokens,
+        tokenizer.convert_tokens_to_ids(score_tokens),
+        head.hidden_sizes,
+        model_name=f"Q-Scorer {Path(str(checkpoint)).name} on {Path(str(base_model)).name}",
+    )
+    return LoadedCheckpoint(config, model, tokenizer, head, adapter_merged=False)
+
+
+def load_official_base(
+    base_model: str | os.PathLike,
+    *,
+    num_score_tokens: int = 5,
+    prompt_template: str | None = None,
+    head_hidden_sizes: list[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedCheckpoint:
+    """A new, untrained Q-Scorer on the released mPLUG-Owl2 base, where the paper's training starts
+    (`QScorer.from_base_model` calls this for such a base).
+
+    The base's weights and tokenizer (``BASE_DIR`` as `RELEASED_BASE_MODEL` is stored, or that
+    hub id), the K score tokens ``<score1>`` ... ``<scoreK>`` added after the vocabulary (ids
+    32000... on LLaMA-2) with their input and output rows at the mean of the existing rows, and a
+    fresh head as released: widths ``h -> h/2 -> h/4 -> 1`` (4096 -> 2048 -> 1024 -> 1) unless
+    ``head_hidden_sizes``, Kaiming-normal weights and zero biases (drawn from torch's global
+    generator), regressing the score itself, unbounded (as `load_official` reads the release).
+
+    Args:
+        base_model: ``BASE_DIR``, a local folder or hub id.
+        num_score_tokens: K (the release: 5).
+        prompt_template: default `MPLUG_OWL2_PROMPT_TEMPLATE`, the paper's evaluation prompt.
+        head_hidden_sizes: the head's hidden widths.
+        dtype: weight dtype of the backbone (default: the base weights' own).
+
+    The config has no ``base_model``: this package's checkpoints never read the base's pickles,
+    so a model trained from here is saved whole (``weights_format="full"``).
+    """
+    from qscorer_reward.backbones.mplug_owl2 import MPLUG_OWL2_PROMPT_TEMPLATE, MplugOwl2Config, MplugOwl2ForCausalLM
+    from qscorer_reward.score_tokens import add_score_tokens
+
+    base_dir = resolve_checkpoint(base_model)
+    config_path = base_dir / MODEL_CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: the base model's config is missing")
+    model_config = MplugOwl2Config.from_json_file(config_path)
+    tokenizer = read_base_tokenizer(base_dir)
+    if model_config.vocab_size != len(tokenizer):
+        raise ValueError(
+            f"{config_path}: vocab_size {model_config.vocab_size} differs from the tokenizer's {len(tokenizer)} "
+            "tokens: not the base model (a Q-Scorer checkpoint loads with QScorer.from_pretrained)"
+        )
+    with torch.device("meta"):
+        model = MplugOwl2ForCausalLM(model_config)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    base = read_base_weights(base_dir, expected)
+    missing = sorted(name for name in expected if name not in base or tuple(base[name].shape) != expected[name])
+    if missing:
+        raise ValueError(f"{base_dir}: the base weights lack tensors {missing[:5]} ({len(missing)} missing)")
+    target_dtype = dtype or base["model.embed_tokens.weight"].dtype
+    model.load_state_dict({name: tensor.to(target_dtype, copy=True) for name, tensor in base.items()}, assign=True)
+
+    score_tokens = [f"<score{i + 1}>" for i in range(num_score_tokens)]
+    score_token_ids = add_score_tokens(model, tokenizer, score_tokens)
+    head = ScoreHead(model_config.hidden_size, head_hidden_sizes, NOMINAL_SCORE_RANGE, bound="none", centered=False)
+    config = mplug_owl2_config(
+        model_config,
+        base_dir,
+        prompt_template or MPLUG_OWL2_PROMPT_TEMPLATE,
+        num_score_tokens,
+        score_token_ids,
+        head.hidden_sizes,
+        model_name=f"Q-Scorer (untrained) on {Path(str(base_model)).name}",
+    )
+    return LoadedCheckpoint(config, model, tokenizer, head, adapter_merged=False)
+
+
+def is_released_base(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is `RELEASED_BASE_MODEL` or a local folder stored as it is: an
+    ``mplug_owl2`` config beside pickle weights."""
+    if str(path) == RELEASED_BASE_MODEL:
+        return True
+    directory = Path(path)
+    has_pickles = (directory / BASE_INDEX_FILE).is_file() or (directory / BASE_SINGLE_FILE).is_file()
+    if not (has_pickles and (directory / MODEL_CONFIG_FILE).is_file()):
+        return False
+    try:
+        return json.loads((directory / MODEL_CONFIG_FILE).read_text()).get("model_type") == "mplug_owl2"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def mplug_owl2_config(
+    model_config,
+    base_dir: Path,
+    prompt_template: str,
+    num_score_tokens: int,
+    score_token_ids: list[int],
+    head_hidden_sizes: list[int],
+    model_name: str,
+) -> QScorerConfig:
+    """The `QScorerConfig` of a Q-Scorer on mPLUG-Owl2 (``model_config``, an ``MplugOwl2Config``):
+    images at the vision tower's fixed size, normalised as the base's image processor says, the
+    head unbounded and uncentred as released (`score_range` the nominal (0, 5) of the training
+    clamp). No ``base_model``: the release trains the vision tower, abstractor and lm_head whole
+    and its base is stored as pickles, so such a model is saved whole (``weights_format="full"``)."""
     image_size = model_config.vision.image_size
     processor = read_processor_config(base_dir, image_size)
-    config = QScorerConfig(
-        backbone_family=MplugOwl2Config.model_type,
-        prompt_template=MPLUG_OWL2_PROMPT_TEMPLATE,
+    return QScorerConfig(
+        backbone_family=model_config.model_type,
+        prompt_template=prompt_template,
         num_score_tokens=num_score_tokens,
-        score_token_ids=tokenizer.convert_tokens_to_ids(score_tokens),
-        head_hidden_sizes=head.hidden_sizes,
+        score_token_ids=score_token_ids,
+        head_hidden_sizes=head_hidden_sizes,
         score_range=NOMINAL_SCORE_RANGE,
         score_bound="none",
         head_centered=False,
@@ -141,11 +250,8 @@ def load_official(
         temporal_patch_size=1,
         image_mean=processor.get("image_mean", QScorerConfig.image_mean),
         image_std=processor.get("image_std", QScorerConfig.image_std),
-        model_name=f"Q-Scorer {Path(str(checkpoint)).name} on {Path(str(base_model)).name}",
+        model_name=model_name,
     )
-    # No base_model in the config: the release trains the vision tower, abstractor and lm_head
-    # whole, so its parts cannot be saved apart from a base (only weights_format "full").
-    return LoadedCheckpoint(config, model, tokenizer, head, adapter_merged=False)
 
 
 def convert_official(

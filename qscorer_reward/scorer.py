@@ -16,7 +16,7 @@ from .backbones import Backbone, BackboneInputs, backbone_class
 from .checkpoint import load_checkpoint, lora_adapter, write_checkpoint
 from .config import CLIP_MEAN, CLIP_STD, QWEN_PROMPT_TEMPLATE, SCORE_BOUNDS, QScorerConfig
 from .head import ScoreHead
-from .official_checkpoint import is_released_layout, load_official
+from .official_checkpoint import is_released_base, is_released_layout, load_official, load_official_base
 from .preprocessing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput
 from .score_tokens import add_score_tokens, get_score_token_rows
 
@@ -62,7 +62,7 @@ class QScorer(nn.Module):
         tokenizer=None,
         *,
         num_score_tokens: int = 1,
-        prompt_template: str = QWEN_PROMPT_TEMPLATE,
+        prompt_template: str | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         image_mean: tuple[float, float, float] | None = None,
@@ -80,8 +80,23 @@ class QScorer(nn.Module):
         Adds the K score tokens (input and output rows at the mean of the existing rows) and a fresh
         head. Pixel budget and normalisation default to the model's ``preprocessor_config.json``
         when loading from a path, else to the Qwen2-VL processor's values, with ``max_pixels`` at
-        448 x 448 as in the paper's recipe.
+        448 x 448 as in the paper's recipe. ``prompt_template`` defaults to `QWEN_PROMPT_TEMPLATE`.
+
+        The paper's base, ``MAGAer13/mplug-owl2-llama2-7b`` (or a local copy), is read as released
+        (`qscorer_reward.official_checkpoint.load_official_base`): its prompt defaults to the
+        paper's evaluation prompt, its images have the vision tower's fixed size (the pixel
+        arguments do not apply), and the head is the release's (unbounded, uncentred).
         """
+        if isinstance(model, (str, os.PathLike)) and is_released_base(model):
+            loaded = load_official_base(
+                model,
+                num_score_tokens=num_score_tokens,
+                prompt_template=prompt_template,
+                head_hidden_sizes=head_hidden_sizes,
+                dtype=dtype,
+            )
+            scorer = cls.assemble(loaded.config, loaded.model, loaded.tokenizer, loaded.head)
+            return scorer.to(device) if device is not None else scorer
         processor_config: dict = {}
         base_model = None
         if isinstance(model, (str, os.PathLike)):
@@ -104,7 +119,7 @@ class QScorer(nn.Module):
         config = QScorerConfig(
             backbone_family=family,
             base_model=base_model or getattr(model.config, "_name_or_path", None) or None,
-            prompt_template=prompt_template,
+            prompt_template=prompt_template or QWEN_PROMPT_TEMPLATE,
             num_score_tokens=num_score_tokens,
             score_range=score_range,
             min_pixels=min_pixels or processor_config.get("min_pixels") or budget.get("shortest_edge") or 56 * 56,
@@ -138,7 +153,7 @@ class QScorer(nn.Module):
                 f"checkpoint was trained with ids {config.score_token_ids}"
             )
         family = backbone_class(config.backbone_family)
-        backbone = family(model, config, family.prompt_ids(tokenizer, config.prompt_template))
+        backbone = family(model, config, tokenizer)
         return cls(config, backbone, head, tokenizer)
 
     @classmethod

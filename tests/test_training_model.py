@@ -8,7 +8,7 @@ from peft import LoraConfig
 from qscorer_reward import QScorer
 from qscorer_reward.score_tokens import set_score_token_rows
 from qscorer_reward.testing import tiny_base_model
-from qscorer_reward.training.export import save_merged, save_trained_parts
+from qscorer_reward.training.export import save_merged, save_trained_parts, save_whole
 from qscorer_reward.training.losses import score_token_ce_loss
 from qscorer_reward.training.model import QScorerForTraining, TrainableParts, answer_token_count
 
@@ -205,3 +205,15 @@ def test_trained_modules_with_unknown_or_misshaped_tensors_are_refused(base_dir,
     save_file({**tensors, "model.visual.extra.weight": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not in the backbone model"):
         QScorer.from_pretrained(directory)
+
+
+def test_the_whole_weights_export_merges_the_adapter_and_the_rows_and_scores_the_same(base_dir, tmp_path):
+    model = _training_model(base_dir, vision=True, merger=True)
+    with torch.no_grad():
+        expected = model([image.clone() for image in IMAGES])["scores"]
+    directory = save_whole(model, model.state_dict(), tmp_path / "whole", model_name="tiny-whole")
+    files = {p.name for p in directory.iterdir()}
+    assert "model.safetensors" in files and not files & {"adapter_model.safetensors", "score_tokens.safetensors"}
+    loaded = QScorer.from_pretrained(directory)
+    assert (loaded.config.weights_format, loaded.config.model_name) == ("full", "tiny-whole")
+    assert torch.allclose(loaded(IMAGES), expected, atol=1e-5)

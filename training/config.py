@@ -73,8 +73,10 @@ class DatasetConfig:
 @dataclass
 class LoraSettings:
     """The LoRA adapter (peft). ``target_modules``: a list of module names matched inside the
-    language model only (the released ``[q_proj, v_proj]``), or a string, a regular expression
-    over the backbone's full module names (peft's semantics), e.g. to reach the vision tower too."""
+    language model's layers only, as the ends of their full names (the released ``[q_proj,
+    v_proj]`` for Qwen-VL, ``[q_proj, v_proj.multiway.1]`` for mPLUG-Owl2: its image-modality value
+    projection), or a string, a regular expression over the backbone's full module names (peft's
+    semantics), e.g. to reach the vision tower too."""
 
     r: int = 128
     alpha: int = 256
@@ -143,15 +145,16 @@ class ParameterGroup:
 class TrainingConfig:
     """A score-token fine-tuning run (defaults: the released recipe, see ``docs/training.md``).
 
-    Model: ``base_model`` (hub id or path of a Qwen-VL ``*ForConditionalGeneration``) gets
-    ``num_score_tokens`` score tokens and a head; ``prompt_template`` must end with
+    Model: ``base_model`` (hub id or path of a Qwen-VL ``*ForConditionalGeneration``, or the
+    paper's mPLUG-Owl2 base as released) gets ``num_score_tokens`` score tokens and a head;
+    ``prompt_template`` (default: the family's, see `QScorer.from_base_model`) must end with
     ``answer_text``, whose tokens and the score tokens form the answer the cross-entropy covers.
     ``dtype`` is the backbone's weight dtype; trained weights are kept in float32.
     Trained: the LoRA adapter (``lora``; ``None`` for none), the score-token rows, the head, and
-    optionally the vision tower (``train_vision_tower``), its merger (``train_merger``) and the
-    language model's layers as whole weights (``train_language_model``, for a base trained from
-    scratch; excludes ``lora``). ``head_learning_rate`` applies to the head, ``learning_rate`` to
-    everything else.
+    optionally the vision tower (``train_vision_tower``), its merger (``train_merger``; the visual
+    abstractor of mPLUG-Owl2), the output layer (``train_lm_head``) and the language model's layers
+    as whole weights (``train_language_model``, for a base trained from scratch; excludes
+    ``lora``). ``head_learning_rate`` applies to the head, ``learning_rate`` to everything else.
 
     ``parameter_groups`` (`ParameterGroup`) split the trained parameters into named groups, each
     clipped to ``max_grad_norm`` on its own and each with its own start: e.g. the head alone
@@ -174,7 +177,7 @@ class TrainingConfig:
     eval_datasets: list[DatasetConfig] = field(default_factory=list)
     # model
     num_score_tokens: int = 5
-    prompt_template: str = QWEN_PROMPT_TEMPLATE
+    prompt_template: str | None = None
     answer_text: str = "The quality of the image is"
     min_pixels: int | None = None
     max_pixels: int = 448 * 448
@@ -186,6 +189,7 @@ class TrainingConfig:
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     train_vision_tower: bool = False
     train_merger: bool = False
+    train_lm_head: bool = False
     train_language_model: bool = False
     parameter_groups: list[ParameterGroup] = field(default_factory=list)
     loss: LossWeights = field(default_factory=LossWeights)
@@ -238,7 +242,8 @@ class TrainingConfig:
         eval_names = [d.name for d in self.eval_datasets]
         if self.best_dataset is not None and self.best_dataset not in eval_names:
             raise ValueError(f"best_dataset {self.best_dataset!r} is not among the eval_datasets {eval_names}")
-        if not self.prompt_template.endswith(self.answer_text):
+        # Every family's default prompt ends as the Qwen one does ("... The quality of the image is").
+        if not (self.prompt_template or QWEN_PROMPT_TEMPLATE).endswith(self.answer_text):
             raise ValueError(f"prompt_template must end with answer_text {self.answer_text!r}")
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "num_score_tokens"):
             if getattr(self, name) < 1:

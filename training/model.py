@@ -1,12 +1,18 @@
 """`QScorerForTraining`: a `QScorer` with its trainable parts set up, computing what the loss needs.
 
 Trained: a LoRA adapter (peft, injected into the backbone), the K score tokens' embedding rows,
-the head, and optionally the vision tower, its merger and the language model's layers as whole
-weights (for a base trained from scratch); everything else is frozen. The score
-tokens' rows are trained as separate ``[K, hidden]`` parameters rather than by unfreezing the
-embedding matrices, whose optimizer state would cost as much as the matrices themselves: a forward
-hook on the input embeddings substitutes the rows at the score tokens' positions, and the output
-logits of the score tokens are computed from them.
+the head, and optionally the vision tower, its merger (mPLUG-Owl2: the visual abstractor), the
+output layer (``lm_head``) and the language model's layers as whole weights (for a base trained
+from scratch); everything else is frozen. The score tokens' rows are trained as separate
+``[K, hidden]`` parameters rather than by unfreezing the embedding matrices, whose optimizer state
+would cost as much as the matrices themselves: a forward hook on the input embeddings substitutes
+the rows at the score tokens' positions, and the output logits of the score tokens are computed
+from them (unless the output layer is trained whole, which then holds them).
+
+Where backbone families differ, the backbone says it (`qscorer_reward.backbones.Backbone`): which
+parameters form the vision tower, merger and language model (``trainable_part``), and the
+teacher-forced training sequence (``prepare_training`` / ``forward_training``: where the head
+reads and which positions the cross-entropy covers).
 
 Training aids (`QScorerForTraining.add_training_aid`) are modules that train with the model and are
 never exported: e.g. an auxiliary head on the vision tower's output for a tower trained from scratch.
@@ -19,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qscorer_reward.backbones import BackboneInputs
-from qscorer_reward.head import soft_clamp
+from qscorer_reward.backbones import Backbone, BackboneInputs
 from qscorer_reward.score_tokens import get_score_token_rows
 from qscorer_reward.scorer import QScorer
 
+from .data import MOS_SCALE
 from .losses import score_token_ce_loss
 
 
@@ -35,6 +41,7 @@ class TrainableParts:
     vision_tower: bool = False
     merger: bool = False
     language_model: bool = False  # its decoder layers and final norm, whole (not the token embeddings)
+    lm_head: bool = False  # the output layer, whole (then it holds the score tokens' output rows)
     output_rows: bool = True  # the score tokens' output rows (only the cross-entropy uses them)
 
 
@@ -42,17 +49,23 @@ class ScoreTokenRows(nn.Module):
     """Trainable input and output embedding rows of the K score tokens, float32 ``[K, hidden]`` each.
 
     While alive it substitutes ``input_rows`` for the score tokens' input embeddings (a forward
-    hook on ``model.get_input_embeddings()``). With tied embeddings there is one set of rows.
+    hook on ``model.get_input_embeddings()``). With tied embeddings there is one set of rows; with
+    ``separate_output_rows`` False (an output layer trained whole) no output rows: the output
+    layer's own rows give the score tokens' logits.
     """
 
-    def __init__(self, model: nn.Module, token_ids: list[int], train_output_rows: bool):
+    def __init__(
+        self, model: nn.Module, token_ids: list[int], train_output_rows: bool, separate_output_rows: bool = True
+    ):
         super().__init__()
         rows = get_score_token_rows(model, token_ids)
         self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
         self.input_rows = nn.Parameter(rows["input_embeddings"].float())
         self.tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
         self.output_rows = (
-            None if self.tied else nn.Parameter(rows["output_embeddings"].float(), requires_grad=train_output_rows)
+            nn.Parameter(rows["output_embeddings"].float(), requires_grad=train_output_rows)
+            if separate_output_rows and not self.tied
+            else None
         )
         self._hook = model.get_input_embeddings().register_forward_hook(self._substitute_input_rows)
 
@@ -64,8 +77,10 @@ class ScoreTokenRows(nn.Module):
         return torch.where(matches.any(-1, keepdim=True), rows, output)
 
     @property
-    def output_weight(self) -> torch.Tensor:
-        return self.input_rows if self.output_rows is None else self.output_rows
+    def output_weight(self) -> torch.Tensor | None:
+        """``[K, hidden]`` rows that give the score tokens' logits, or ``None`` when the output
+        layer's own rows do."""
+        return self.input_rows if self.tied else self.output_rows
 
     def remove_hook(self) -> None:
         self._hook.remove()
@@ -78,8 +93,8 @@ class QScorerForTraining(nn.Module):
         scorer: a `QScorer` (its backbone is modified in place: LoRA injected, flags set).
         parts: what to train (`TrainableParts`).
         answer_length: how many tokens at the end of the prompt belong to the answer (the answer
-            prefix, e.g. "The quality of the image is"); the cross-entropy covers them and the K
-            score tokens.
+            prefix, e.g. "The quality of the image is"); the cross-entropy covers them and the
+            tokens the backbone's training sequence puts after the prompt (the K score tokens).
         gradient_checkpointing: recompute layer activations in the backward pass.
     """
 
@@ -87,24 +102,27 @@ class QScorerForTraining(nn.Module):
         super().__init__()
         self.scorer = scorer
         self.answer_length = answer_length
-        model = scorer.backbone.model
+        backbone = scorer.backbone
+        model = backbone.model
+        output_weight = model.get_output_embeddings().weight
+        if parts.lm_head and output_weight is model.get_input_embeddings().weight:
+            raise ValueError("this backbone ties its output layer to the input embeddings: it cannot be trained apart")
         scorer.requires_grad_(False)
         if parts.lora is not None:
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(parts.lora, model)
+        whole = {"vision_tower": parts.vision_tower, "merger": parts.merger, "language_model": parts.language_model}
         for name, param in model.named_parameters():
-            in_vision = ".visual." in f".{name}"
-            is_merger = "merger" in name
-            in_language_layers = ".language_model." in f".{name}" and "embed_tokens" not in name
             param.requires_grad = (
                 "lora_" in name
-                or (parts.vision_tower and in_vision and not is_merger)
-                or (parts.merger and in_vision and is_merger)
-                or (parts.language_model and in_language_layers)
+                or whole.get(backbone.trainable_part(name), False)
+                or (parts.lm_head and param is output_weight)
             )
         scorer.head.requires_grad_(True)
-        self.score_token_rows = ScoreTokenRows(model, scorer.config.score_token_ids, parts.output_rows)
+        self.score_token_rows = ScoreTokenRows(
+            model, scorer.config.score_token_ids, parts.output_rows, separate_output_rows=not parts.lm_head
+        )
         self.training_aids = nn.ModuleDict()
         # Master weights of everything trained in float32 (optimizer updates at 2e-5 vanish in bf16);
         # the frozen backbone keeps its dtype and autocast runs the matmuls in low precision.
@@ -129,7 +147,11 @@ class QScorerForTraining(nn.Module):
         self.training_aids[name] = aid
 
     def forward(
-        self, pixels: torch.Tensor | list[torch.Tensor], compute_ce: bool = True, vision_only: bool = False
+        self,
+        pixels: torch.Tensor | list[torch.Tensor],
+        compute_ce: bool = True,
+        vision_only: bool = False,
+        mos: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Score a batch and (optionally) compute the answer's cross-entropy.
 
@@ -139,32 +161,40 @@ class QScorerForTraining(nn.Module):
             compute_ce: also compute ``ce_loss`` (training); off for evaluation.
             vision_only: run the vision tower alone, not the language model: a step that trains
                 only the vision side from what training aids compute on it (needs one).
+            mos: ``[B]`` MOS on 1..5, for a backbone whose training answer names the score token
+                of the image's level (`score_levels`; mPLUG-Owl2).
+
+        With ``compute_ce`` or ``mos`` the batch is the backbone's teacher-forced training
+        sequence (`Backbone.prepare_training`) and the head reads where the training loss reads;
+        otherwise it is scored as inference scores it.
 
         Returns a dict: ``raw_scores`` (``[B]`` float32, the unbounded regression output the score
-        losses read), ``scores`` (``[B]`` float32 in the score range, what inference returns),
-        with ``compute_ce`` ``ce_loss`` (0-dim float32), and the training aids' outputs; with
+        losses read), ``scores`` (``[B]`` float32, bounded as inference bounds them), with
+        ``compute_ce`` ``ce_loss`` (0-dim float32), and the training aids' outputs; with
         ``vision_only`` the aids' outputs alone.
         """
         backbone = self.scorer.backbone
-        inputs = backbone.prepare(pixels)
         if vision_only:
+            inputs = backbone.prepare(pixels)
             if not self.training_aids:
                 raise ValueError("vision_only needs a training aid that reads the vision tower (nothing else learns)")
-            # The tower as the full forward runs it (dtype cast included); the aids' hooks see it.
-            backbone.model.model.get_image_features(
-                inputs.model_inputs["pixel_values"], image_grid_thw=inputs.model_inputs["image_grid_thw"]
-            )
+            backbone.image_features(inputs)  # the aids' hooks see the tower
             return self._training_aid_outputs(inputs)
-        hidden = backbone(inputs)
+        if compute_ce or mos is not None:
+            levels = None if mos is None else score_levels(mos, self.scorer.config.num_score_tokens)
+            inputs = backbone.prepare_training(pixels, levels)
+            hidden = backbone.forward_training(inputs)
+        else:
+            inputs = backbone.prepare(pixels)
+            hidden = backbone(inputs)
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         head = self.scorer.head
         # The head stays in float32 even under autocast: its output is the score.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             raw = head.raw_score(hidden[batch, inputs.score_positions].float())
-        low, high = head.score_range
-        outputs = {"raw_scores": raw, "scores": soft_clamp(raw, low, high, head.sharpness)}
+        outputs = {"raw_scores": raw, "scores": head.bounded(raw)}
         if compute_ce:
-            outputs["ce_loss"] = self._answer_cross_entropy(hidden, inputs.input_ids, inputs.score_positions)
+            outputs["ce_loss"] = self._answer_cross_entropy(hidden, inputs)
         return outputs | self._training_aid_outputs(inputs)
 
     def _training_aid_outputs(self, inputs: BackboneInputs) -> dict[str, torch.Tensor]:
@@ -173,41 +203,67 @@ class QScorerForTraining(nn.Module):
             outputs |= aid(inputs)
         return outputs
 
-    def _answer_cross_entropy(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, score_positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Next-token cross-entropy over the answer prefix's tokens and the K score tokens.
+    def _answer_cross_entropy(self, hidden: torch.Tensor, inputs: BackboneInputs) -> torch.Tensor:
+        """Next-token cross-entropy over the answer: the prompt's last ``answer_length`` tokens
+        and the tokens after the prompt (``inputs.answer_positions`` predict those).
 
-        The token at position t is predicted by the hidden state at t - 1; the answer occupies
-        ``score_position - answer_length + 1 .. score_position + K`` in every sample.
+        The token at position t is predicted by the hidden state at t - 1.
         """
-        num_score_tokens = self.scorer.config.num_score_tokens
-        offsets = torch.arange(-self.answer_length, num_score_tokens, device=hidden.device)
-        positions = score_positions.unsqueeze(1) + offsets  # [B, T], the predicting positions
-        targets = input_ids.gather(1, positions + 1)
+        after_prompt = inputs.answer_positions
+        in_prompt = after_prompt[:, :1] + torch.arange(-self.answer_length, 0, device=hidden.device)
+        positions = torch.cat([in_prompt, after_prompt], dim=1)  # [B, T], the predicting positions
+        targets = inputs.input_ids.gather(1, positions + 1)
         states = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         logits = self.scorer.backbone.model.get_output_embeddings()(states)
         rows = self.score_token_rows
-        score_logits = states @ rows.output_weight.to(states.dtype).T
-        logits = logits.index_copy(-1, rows.token_ids, score_logits.to(logits.dtype))
+        if rows.output_weight is not None:
+            score_logits = states @ rows.output_weight.to(states.dtype).T
+            logits = logits.index_copy(-1, rows.token_ids, score_logits.to(logits.dtype))
         return score_token_ce_loss(logits, targets)
+
+
+def score_levels(mos: torch.Tensor, num_score_tokens: int) -> torch.Tensor:
+    """``[B]`` int64 in ``0..K-1``: the level of each MOS (on 1..5), the scale cut into K equal
+    bins, lowest first; the training answer of a family that names one score token names
+    ``<score{level + 1}>``."""
+    low, high = MOS_SCALE
+    levels = ((mos.float() - low) / (high - low) * num_score_tokens).floor()
+    return levels.clamp(0, num_score_tokens - 1).long()
 
 
 def answer_token_count(scorer: QScorer, answer_text: str) -> int:
     """How many of the prompt's last tokens are ``answer_text`` (which the template must end with).
 
-    Found by tokenizing the template's text after the image without the answer, which must be a
-    prefix of the prompt's tokens: then the rest is the answer, however the tokenizer splits it.
+    Found by tokenizing the template without the answer as the backbone tokenizes prompts
+    (`Backbone.prompt_ids`): its text after the image must be a prefix of the prompt's tokens,
+    and the rest is the answer, however the tokenizer splits it. A space before the answer
+    belongs to the answer (SentencePiece joins it to the answer's first word).
     """
-    template_after_image = scorer.config.prompt_template.split("{image}")[1]
-    if not template_after_image.endswith(answer_text):
+    template = scorer.config.prompt_template
+    if not template.split("{image}")[1].endswith(answer_text):
         raise ValueError(f"the prompt template does not end with the answer text {answer_text!r}")
-    before = template_after_image[: len(template_after_image) - len(answer_text)]
-    before_ids = scorer.tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
-    suffix_ids = list(scorer.backbone.suffix_ids)
+    backbone = scorer.backbone
+    before = template[: len(template) - len(answer_text)]
+    before_ids = backbone.prompt_ids(scorer.tokenizer, before.rstrip(" "))[1]
+    suffix_ids = list(backbone.suffix_ids)
     if suffix_ids[: len(before_ids)] != before_ids:
         raise ValueError(
             f"cannot locate the answer {answer_text!r} in the tokenized prompt: the tokenizer merges it "
             "with the text before it; start answer_text at a word boundary"
         )
     return len(suffix_ids) - len(before_ids)
+
+
+def language_model_modules(backbone: Backbone, names: list[str]) -> list[str]:
+    """Full names of the modules in ``backbone``'s language model (`Backbone.trainable_part`)
+    whose names are or end with one of ``names`` (``"q_proj"``, ``"v_proj.multiway.1"``), for a
+    LoRA adapter on them alone."""
+    found = [
+        full_name
+        for full_name, _ in backbone.model.named_modules()
+        if backbone.trainable_part(full_name) == "language_model"
+        and any(full_name == name or full_name.endswith(f".{name}") for name in names)
+    ]
+    if not found:
+        raise ValueError(f"lora.target_modules {names} name no module of the language model")
+    return found

@@ -8,7 +8,8 @@ Output directory::
 
     checkpoints/step-00000500/   training state to resume from (written atomically)
     best/                        Q-Scorer checkpoint with the best evaluation metric so far
-    final/                       Q-Scorer checkpoint at the end (trained-parts form)
+    final/                       Q-Scorer checkpoint at the end (trained-parts form; whole weights on
+                                 a base it cannot refer to, the paper's mPLUG-Owl2 base)
     final-merged/                the same with LoRA merged, whole weights (with ``save_merged``)
     eval_report.json             final per-dataset metrics
     train_log.jsonl              one JSON object per logging step, evaluation and skipped image
@@ -20,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import re
 import shutil
 import sys
 import time
@@ -48,9 +48,9 @@ from .callbacks import TrainerCallback
 from .config import LossWeights, ParameterGroup, TrainingConfig
 from .data import IQADataset, IQARecord, MixtureSampler, check_images, collate_items
 from .evaluation import dataset_metrics, format_table, predict, write_report
-from .export import save_merged, save_trained_parts
+from .export import save_merged, save_trained_parts, save_whole
 from .losses import fidelity_loss, margin_ranking_loss, plcc_loss, score_mse_loss
-from .model import QScorerForTraining, TrainableParts, answer_token_count
+from .model import QScorerForTraining, TrainableParts, answer_token_count, language_model_modules
 from .sources import load_records
 
 require_extra("train", "qscorer_reward.training")
@@ -276,8 +276,10 @@ class ScoreTokenTrainer:
             if report:
                 write_report(report, self.output_dir / "eval_report.json")
                 print(format_table(report), file=sys.stderr)
-            if config.save_merged:
+            if config.save_merged and self.model.scorer.config.base_model:
                 save_merged(self.output_dir / "final", self.output_dir / "final-merged")
+            elif config.save_merged:
+                self._warn("save_merged: final/ already holds the whole weights; no final-merged/ written")
         accelerator.wait_for_everyone()
         if config.report_to:
             accelerator.end_training()
@@ -293,11 +295,11 @@ class ScoreTokenTrainer:
         accelerator, config = self.accelerator, self.config
         with accelerator.accumulate(prepared):
             pixels = to_unit_pixels(batch["pixels"], device=accelerator.device)
+            mos, mos_std = batch["mos"].to(accelerator.device), batch["mos_std"].to(accelerator.device)
             forward_kwargs = {}
             for callback in self.callbacks:
                 forward_kwargs |= callback.forward_kwargs(step)
-            outputs = prepared(pixels, compute_ce=bool(config.loss.ce), **forward_kwargs)
-            mos, mos_std = batch["mos"].to(accelerator.device), batch["mos_std"].to(accelerator.device)
+            outputs = prepared(pixels, compute_ce=bool(config.loss.ce), mos=mos, **forward_kwargs)
             loss, terms = training_objective(outputs, mos, mos_std, config.loss, self.callbacks)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -387,11 +389,13 @@ class ScoreTokenTrainer:
         if (
             config.dtype != "float32"
             and self.accelerator.mixed_precision == "no"
-            and (config.train_vision_tower or config.train_merger or config.train_language_model)
+            and (
+                config.train_vision_tower or config.train_merger or config.train_language_model or config.train_lm_head
+            )
         ):
             raise ValueError(
-                "training the vision tower, merger or language model of a half-precision backbone needs "
-                "mixed_precision bf16 or fp16"
+                "training the vision tower, merger, output layer or language model of a half-precision backbone "
+                "needs mixed_precision bf16 or fp16"
             )
         # The head's and the score rows' initialisation draw from the global generator: seeded.
         set_seed(config.seed)
@@ -411,9 +415,9 @@ class ScoreTokenTrainer:
 
             targets = config.lora.target_modules
             if not isinstance(targets, str):
-                # Names inside the language model only: the vision towers use other names today,
-                # but a regex keeps a future overlap from reaching them.
-                targets = r"model\.language_model\..*\.(" + "|".join(map(re.escape, targets)) + ")"
+                # The language model's modules only, by their full names: the vision side may use
+                # the same short names.
+                targets = language_model_modules(scorer.backbone, targets)
             lora = LoraConfig(
                 r=config.lora.r,
                 lora_alpha=config.lora.alpha,
@@ -425,6 +429,7 @@ class ScoreTokenTrainer:
             vision_tower=config.train_vision_tower,
             merger=config.train_merger,
             language_model=config.train_language_model,
+            lm_head=config.train_lm_head and bool(config.loss.ce),  # only the cross-entropy reads it
             output_rows=bool(config.loss.ce),
         )
         model = QScorerForTraining(
@@ -551,11 +556,14 @@ class ScoreTokenTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _export(self, directory: Path) -> None:
-        """Write the current model as a loadable Q-Scorer checkpoint (collective: every process calls it)."""
+        """Write the current model as a loadable Q-Scorer checkpoint (collective: every process
+        calls it): its trained parts on top of the base model, or, for a base this package's
+        checkpoints cannot refer to (the paper's mPLUG-Owl2 base, stored as pickles), whole."""
         accelerator = self.accelerator
         state = accelerator.get_state_dict(self.prepared)
         if accelerator.is_main_process:
-            save_trained_parts(self.model, state, directory, self.config.model_name)
+            save = save_trained_parts if self.model.scorer.config.base_model else save_whole
+            save(self.model, state, directory, self.config.model_name)
         accelerator.wait_for_everyone()
 
     def _register_state_hooks(self, prepared) -> None:

@@ -27,31 +27,37 @@ class BackboneInputs:
             that scores at a token it generates, as mPLUG-Owl2 does, points at that token's row of
             what `Backbone.forward` returns.)
         model_inputs: the family's other forward arguments (pixel values, grids, position ids).
+        answer_positions: training batches only (`Backbone.prepare_training`): ``[B, A]`` int64,
+            the positions whose hidden states predict the A tokens that follow the prompt in the
+            teacher-forced sequence (the score tokens, and whatever else the family's answer holds).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     score_positions: torch.Tensor
     model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    answer_positions: torch.Tensor | None = None
 
 
 class Backbone(nn.Module, ABC):
     """A Hugging Face vision-language model seen as ``images -> last hidden states``.
 
     Subclasses set `model_types` (the transformers ``config.model_type`` values they handle) and
-    implement `prepare` and `forward`; everything else (score tokens, head, checkpoints) is shared.
-    A family whose reference tokenizes or decodes differently overrides `prompt_ids` or `to_pixels`.
+    implement `prepare`, `forward` and `trainable_part`; everything else (score tokens, head,
+    checkpoints) is shared. A family whose reference tokenizes or decodes differently overrides
+    `prompt_ids` or `to_pixels`; one whose training sequence is not its scoring sequence overrides
+    `prepare_training` and `forward_training`.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: nn.Module, config: QScorerConfig, prompt_ids: tuple[list[int], list[int]]):
-        """``model``: the transformers ``*ForConditionalGeneration`` model; ``prompt_ids``: the token
-        ids of the prompt template before and after its ``{image}`` placeholder."""
+    def __init__(self, model: nn.Module, config: QScorerConfig, tokenizer):
+        """``model``: the transformers ``*ForConditionalGeneration`` model; ``tokenizer``: its
+        tokenizer with the score tokens (the prompt template's ids are taken with `prompt_ids`)."""
         super().__init__()
         self.model = model
         self.config = config
-        self.prefix_ids, self.suffix_ids = prompt_ids
+        self.prefix_ids, self.suffix_ids = self.prompt_ids(tokenizer, config.prompt_template)
 
     @classmethod
     def prompt_ids(cls, tokenizer, template: str) -> tuple[list[int], list[int]]:
@@ -90,3 +96,39 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def forward(self, inputs: BackboneInputs) -> torch.Tensor:
         """Last-layer hidden states after the final norm, ``[B, L, hidden_size]``."""
+
+    @abstractmethod
+    def trainable_part(self, name: str) -> str | None:
+        """The part of ``self.model`` that the parameter or module ``name`` (as ``self.model``
+        names it) belongs to, for training parts whole: ``"vision_tower"``, ``"merger"`` (what
+        projects the vision output into the language model), ``"language_model"`` (its decoder
+        layers and final norm), or ``None`` (token embeddings, output layer, anything else)."""
+
+    @abstractmethod
+    def image_features(self, inputs: BackboneInputs):
+        """Run the vision side alone on a prepared batch, as the full forward runs it, and return
+        its output as the family's model returns it (for training aids that watch the tower)."""
+
+    # ------------------------------------------------------------------ training
+
+    def prepare_training(
+        self, pixels: torch.Tensor | Sequence[torch.Tensor], score_levels: torch.Tensor | None
+    ) -> BackboneInputs:
+        """The teacher-forced training batch: the prompt and the answer after it, with
+        ``answer_positions`` set and ``score_positions`` where the training loss reads the head.
+
+        ``score_levels``: ``[B]`` int64 in ``0..K-1``, the score token each sample's answer names,
+        for a family whose answer names one of the K (mPLUG-Owl2, as the paper trains it; may be
+        ``None`` for the others). Here, where the scoring sequence already ends with all K score
+        tokens, it is the scoring batch (the levels are not used): the cross-entropy covers the K
+        tokens after the prompt.
+        """
+        inputs = self.prepare(pixels)
+        offsets = torch.arange(self.config.num_score_tokens, device=inputs.score_positions.device)
+        inputs.answer_positions = inputs.score_positions[:, None] + offsets
+        return inputs
+
+    def forward_training(self, inputs: BackboneInputs) -> torch.Tensor:
+        """Hidden states ``[B, L, hidden_size]`` of a `prepare_training` batch in one
+        teacher-forced pass; here the scoring forward, which is one already."""
+        return self(inputs)

@@ -16,6 +16,10 @@ next token at its end; pass 2 feeds that token and the head reads the final hidd
 position. Pass 2 is one extra token on pass 1's key-value cache instead of a second full forward:
 the same numbers (the prefix's states do not depend on what follows, attention being causal) at
 the cost of one token, and the gradient reaches the pixels through the cache.
+
+Training follows the paper's training: the prompt with the answer ``▁ <scoreN> . </s>`` after it,
+in one teacher-forced pass, the head read at ``▁`` (`MplugOwl2Backbone.prepare_training`); that is
+the position the two passes read once the model emits ``▁`` after the prompt.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ MPLUG_OWL2_PROMPT_TEMPLATE = (
 # Stands for the image rows in token sequences, as in the reference code; never embedded.
 IMAGE_TOKEN_INDEX = -200
 SENTENCEPIECE_SPACE = "▁"
+# The paper's training answer is "The quality of the image is <scoreN>." and the turn ends with
+# the end-of-sequence token: after the prompt's "is" come `▁ <scoreN> . </s>`.
+ANSWER_END = "."
 
 # One (key, value) pair per decoder layer, each ``[B, kv_heads, T, head_dim]`` after RoPE.
 KeyValueCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -392,10 +399,16 @@ class MplugOwl2Backbone(Backbone):
 
     model_types = ("mplug_owl2",)
 
-    def __init__(self, model: MplugOwl2ForCausalLM, config: QScorerConfig, prompt_ids: tuple[list[int], list[int]]):
-        super().__init__(model, config, prompt_ids)
+    def __init__(self, model: MplugOwl2ForCausalLM, config: QScorerConfig, tokenizer):
+        super().__init__(model, config, tokenizer)
         self.image_size = model.config.vision.image_size
         self.num_image_rows = model.model.visual_abstractor.num_rows
+        # What follows the prompt in a training sequence, around the score token (`prepare_training`).
+        self.answer_ids = (
+            tokenizer.convert_tokens_to_ids(SENTENCEPIECE_SPACE),
+            tokenizer.convert_tokens_to_ids(ANSWER_END),
+            tokenizer.eos_token_id,
+        )
 
     @classmethod
     def prompt_ids(cls, tokenizer, template: str) -> tuple[list[int], list[int]]:
@@ -471,12 +484,17 @@ class MplugOwl2Backbone(Backbone):
         pieces = [embed(input_ids[:, :start]), image_rows.to(embed.weight.dtype), embed(input_ids[:, end:])]
         return torch.cat(pieces, dim=1), (start, end)
 
+    def one_pass(self, inputs: BackboneInputs) -> tuple[torch.Tensor, KeyValueCache]:
+        """The vision side and the language model over ``inputs.input_ids`` as they are: final
+        hidden states ``[B, L, H]`` and the key-value cache."""
+        causal_lm = self.model
+        embeds, image_span = self.embed(inputs.input_ids, self.image_features(inputs))
+        return causal_lm(embeds, image_span)
+
     def two_pass(self, inputs: BackboneInputs) -> TwoPassOutput:
         """Pass 1 over the prompt, its greedy token, then that token on pass 1's cache."""
         causal_lm = self.model
-        image_rows = causal_lm.model.image_rows(inputs.model_inputs["pixel_values"])
-        embeds, image_span = self.embed(inputs.input_ids, image_rows)
-        hidden, cache = causal_lm(embeds, image_span)
+        hidden, cache = self.one_pass(inputs)
         with torch.no_grad():
             logits = causal_lm.lm_head(hidden[:, -1])
             tokens = logits.argmax(dim=-1)
@@ -485,6 +503,57 @@ class MplugOwl2Backbone(Backbone):
 
     def forward(self, inputs: BackboneInputs) -> torch.Tensor:
         return self.two_pass(inputs).hidden_states
+
+    def image_features(self, inputs: BackboneInputs) -> torch.Tensor:
+        """The image rows spliced into the prompt, ``[B, Q + 1, H]``."""
+        return self.model.model.image_rows(inputs.model_inputs["pixel_values"])
+
+    def trainable_part(self, name: str) -> str | None:
+        if name.startswith("model.vision_model."):
+            return "vision_tower"
+        if name.startswith("model.visual_abstractor."):
+            return "merger"  # the abstractor projects the tower's output into the language model
+        if name.startswith(("model.layers.", "model.norm.")):
+            return "language_model"
+        return None
+
+    # ------------------------------------------------------------------ training
+
+    def prepare_training(
+        self, pixels: torch.Tensor | Sequence[torch.Tensor], score_levels: torch.Tensor | None
+    ) -> BackboneInputs:
+        """The sequence the paper trains on: the prompt, then ``▁ <scoreN> . </s>`` (the answer
+        "... the image is <scoreN>." and the end of the turn), N = ``score_levels + 1``.
+
+        ``score_positions`` is the ``▁`` position, whose hidden state predicts the score token:
+        where the paper's training loss reads the head. Scoring (`forward`) reads the position of
+        the token pass 1 generates after the prompt instead; the two are the same position when
+        that token is ``▁``, which the cross-entropy over this answer teaches (docs/training.md).
+        """
+        if score_levels is None:
+            raise ValueError(
+                "an mPLUG-Owl2 training sequence names the score token of each image's level: pass score_levels"
+            )
+        if None in self.answer_ids:
+            raise ValueError(
+                f"the tokenizer lacks one of {SENTENCEPIECE_SPACE!r}, {ANSWER_END!r} or an end-of-sequence token, "
+                "which the training answer is made of"
+            )
+        inputs = self.prepare(pixels)
+        batch, prompt_length = inputs.input_ids.shape
+        device = inputs.input_ids.device
+        score_ids = torch.tensor(self.config.score_token_ids, device=device)[score_levels.to(device)]
+        space, end, eos = (torch.full((batch,), token, device=device) for token in self.answer_ids)
+        answer = torch.stack([space, score_ids, end, eos], dim=1)
+        inputs.input_ids = torch.cat([inputs.input_ids, answer], dim=1)
+        inputs.score_positions = torch.full((batch,), prompt_length, dtype=torch.long, device=device)
+        positions = prompt_length - 1 + torch.arange(answer.shape[1], device=device)
+        inputs.answer_positions = positions.expand(batch, -1)
+        return inputs
+
+    def forward_training(self, inputs: BackboneInputs) -> torch.Tensor:
+        """The whole teacher-forced sequence in one pass (no generated token)."""
+        return self.one_pass(inputs)[0]
 
 
 def _eight_bit_flags(images: ImageInput) -> list[bool]:

@@ -101,8 +101,8 @@ class QwenVLBackbone(Backbone):
 
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
-    def __init__(self, model: nn.Module, config: QScorerConfig, prompt_ids: tuple[list[int], list[int]]):
-        super().__init__(model, config, prompt_ids)
+    def __init__(self, model: nn.Module, config: QScorerConfig, tokenizer):
+        super().__init__(model, config, tokenizer)
         # Imported here, not with the package: registering the attention loads transformers'
         # modeling code, seconds that `import qscorer_reward` alone should not cost.
         from .vision_attention import PACKED_SDPA
@@ -214,3 +214,18 @@ class QwenVLBackbone(Backbone):
             **inputs.model_inputs,
         )
         return outputs.last_hidden_state
+
+    def trainable_part(self, name: str) -> str | None:
+        dotted = f".{name}"
+        if ".visual." in dotted:
+            # The merger (and Qwen3-VL's deepstack mergers) project the tower into the language model.
+            return "merger" if "merger" in name else "vision_tower"
+        if ".language_model." in dotted and "embed_tokens" not in name:
+            return "language_model"
+        return None
+
+    def image_features(self, inputs: BackboneInputs):
+        model_inputs = inputs.model_inputs
+        return self.model.model.get_image_features(
+            model_inputs["pixel_values"], image_grid_thw=model_inputs["image_grid_thw"]
+        )
