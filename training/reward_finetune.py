@@ -45,7 +45,7 @@ from torch import nn
 
 from qscorer_reward.integrations.diffusers_latents import decode_latents, decoding_vae, denoiser, pipeline_family
 from qscorer_reward.integrations.diffusers_sampling import SamplingObserver
-from qscorer_reward.scorer import QScorer
+from qscorer_reward.scorer import QScorer, require_gradients
 
 METHODS = ("draft", "refl")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -212,6 +212,7 @@ class RewardFinetuner:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
+        require_gradients(scorer, f"reward fine-tuning ({config.method})")
         self.config = config
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, log_with=config.report_to, project_dir=config.output_dir
