@@ -64,11 +64,7 @@ def _list_uri(uri: str) -> list[str]:
     scheme = uri.split("://", 1)[0]
     entries = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
     files = [entry.path for entry in entries if entry.type == fs.FileType.File]
-    images = sorted(
-        file.path
-        for file in files
-        if file.type == fs.FileType.File and Path(file.path).suffix.lower() in IMAGE_SUFFIXES
-    )
+    images = sorted(file for file in files if Path(file).suffix.lower() in IMAGE_SUFFIXES)
     return [f"{scheme}://{image}" for image in images]
 
 
