@@ -33,8 +33,10 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # one node, on loopback
+from qscorer_reward.serving import LOCAL_RAY_ENVIRONMENT  # noqa: E402
+
+for _name, _value in LOCAL_RAY_ENVIRONMENT.items():  # before Ray is imported: one node, on loopback
+    os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
 from bench_default_model import example_batch  # noqa: E402

@@ -119,7 +119,17 @@ def _score_command(args: argparse.Namespace) -> int:
     return summary.exit_status
 
 
+def _local_ray_environment(address: str | None) -> None:
+    """Before Ray is imported: a local instance (no ``address``) on loopback, without usage report."""
+    from .serving import LOCAL_RAY_ENVIRONMENT
+
+    if address is None:
+        for name, value in LOCAL_RAY_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+
+
 def _ray_score_command(args: argparse.Namespace) -> int:
+    _local_ray_environment(args.address)
     from .serving.ray_engine import run_ray_job
 
     output_format = row_file_format(args.output or "", args.format)
@@ -142,6 +152,7 @@ def _ray_score_command(args: argparse.Namespace) -> int:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    _local_ray_environment(args.address)
     from .serving.app import ServiceSettings, run_service
     from .serving.http_api import TOKEN_ENVIRONMENT_VARIABLE, ServiceLimits
 

@@ -23,10 +23,10 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-# Before Ray is imported: no usage report, and one node on loopback (Ray otherwise binds and talks
-# to the machine's network address).
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from qscorer_reward.serving import LOCAL_RAY_ENVIRONMENT  # noqa: E402
+
+for _name, _value in LOCAL_RAY_ENVIRONMENT.items():  # before Ray is imported: one node, on loopback
+    os.environ.setdefault(_name, _value)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

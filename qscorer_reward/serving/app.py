@@ -14,7 +14,6 @@ Build the application with `build_app` and run it with ``serve.run``, or use `ru
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import threading
@@ -177,6 +176,19 @@ def build_app(
     return deployment.bind(asdict(settings))
 
 
+def _replica_failure(name: str) -> str | None:
+    """The last line of what Serve reports for the deployments of application ``name`` (the
+    exception a replica's constructor raised), if any."""
+    application = serve.status().applications.get(name)
+    lines = [
+        line.strip()
+        for deployment in (application.deployments.values() if application else ())
+        for line in deployment.message.splitlines()
+        if line.strip()
+    ]
+    return lines[-1] if lines else None
+
+
 def run_service(
     settings: ServiceSettings,
     *,
@@ -192,7 +204,8 @@ def run_service(
 ) -> int:
     """Start the service and serve until SIGINT or SIGTERM, then take it down; returns the exit status.
 
-    Without ``address`` it starts a local Ray instance (no dashboard) and shuts it down at the end.
+    Without ``address`` it starts a local Ray instance (no dashboard) and shuts it down at the end
+    (``qscorer serve`` first sets `LOCAL_RAY_ENVIRONMENT`).
     With ``address`` (``ray://host:10001``, ``host:6379`` or ``auto``) it deploys onto that cluster
     and at the end deletes only its own application; with ``detach`` it returns at once and leaves
     the application running (``serve delete NAME`` removes it). If Serve already runs on the
@@ -202,7 +215,6 @@ def run_service(
 
     started_ray = address is None
     if started_ray:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine unasked
         ray.init(include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
@@ -217,7 +229,11 @@ def run_service(
             num_cpus_per_replica=num_cpus_per_replica,
             num_gpus_per_replica=num_gpus_per_replica,
         )
-        serve.run(app, name=name, route_prefix=route_prefix)
+        try:
+            serve.run(app, name=name, route_prefix=route_prefix)
+        except RuntimeError as err:  # a replica that cannot start: Serve gave up on it
+            print(f"error: the service did not start: {_replica_failure(name) or err}", file=sys.stderr)
+            return 1
         url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
         print(f"serving {settings.model or 'the bundled default model'} at {url} ({replicas} replica(s))", flush=True)
         if detach:

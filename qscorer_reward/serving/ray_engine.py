@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -144,8 +143,6 @@ def run_ray_job(
 
     started = not ray.is_initialized()
     if started:
-        if address is None:
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=address, log_to_driver=False)
     try:
         files = find_inputs(paths)
