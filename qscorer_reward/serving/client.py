@@ -70,15 +70,16 @@ class RemoteQScorer:
 
     Failures: a refused request (4xx) raises `RequestRefused` (a `ValueError`) at once, a missing
     or wrong token (401) `PermissionError`. Lost connections, timeouts and 5xx answers (a replica
-    that died, none ready yet) are retried up to ``retries`` times with exponential backoff from
-    ``backoff_s`` (with jitter, at most 5 s apart), then raise `ConnectionError`.
+    that died, a proxy restarting) are retried with exponential backoff from ``backoff_s`` (with
+    jitter, at most 5 s apart) for up to ``retry_for_s`` seconds, then raise `ConnectionError`. Each
+    retry is logged as a warning of this module's logger.
 
     Args:
         url: the service, e.g. ``http://127.0.0.1:8000`` (with its route prefix, if any).
         token: the bearer token; default: the ``QSCORER_SERVE_TOKEN`` environment variable, if set.
         timeout: seconds to wait for one answer.
         max_concurrency: requests in flight at once (threads of this client).
-        retries: further attempts per request after a retriable failure.
+        retry_for_s: how long to keep retrying a request after its first attempt.
         backoff_s: the first wait before a retry.
 
     The constructor asks the service for ``/info`` (model, ``score_range``, limits), so a wrong URL
@@ -94,19 +95,19 @@ class RemoteQScorer:
         timeout: float = 60.0,
         *,
         max_concurrency: int = 8,
-        retries: int = 8,
+        retry_for_s: float = 60.0,
         backoff_s: float = 0.25,
     ):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url must be http(s)://host[:port][/prefix], got {url!r}")
-        if max_concurrency < 1 or retries < 0 or timeout <= 0:
-            raise ValueError("need max_concurrency >= 1, retries >= 0 and timeout > 0")
+        if max_concurrency < 1 or retry_for_s < 0 or timeout <= 0:
+            raise ValueError("need max_concurrency >= 1, retry_for_s >= 0 and timeout > 0")
         self.url = url.rstrip("/")
         self._parts = parts
         self.token = token if token is not None else os.environ.get(TOKEN_ENVIRONMENT_VARIABLE)
         self.timeout = timeout
-        self.retries = retries
+        self.retry_for_s = retry_for_s
         self.backoff_s = backoff_s
         self.max_concurrency = max_concurrency
         self._local = threading.local()
@@ -213,13 +214,19 @@ class RemoteQScorer:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         target = self._parts.path.rstrip("/") + path
-        problem = ""
-        for attempt in range(self.retries + 1):
+        deadline = time.monotonic() + self.retry_for_s
+        attempt, problem = 0, ""
+        while True:
             if attempt:
                 wait = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
-                logger.warning("%s %s%s: %s; retry %d of %d in %.2f s", method, self.url, path, problem, attempt,
-                               self.retries, wait)  # fmt: skip
+                if time.monotonic() + wait > deadline:
+                    raise ConnectionError(
+                        f"{self.url}{path}: no answer in {attempt} attempts within {self.retry_for_s:g} s "
+                        f"(last: {problem})"
+                    )
+                logger.warning("%s %s%s: %s; retry %d in %.2f s", method, self.url, path, problem, attempt, wait)
                 time.sleep(wait)
+            attempt += 1
             connection = self._connection()
             try:
                 connection.request(method, target, body=body, headers=headers)
@@ -236,7 +243,6 @@ class RemoteQScorer:
             if response.status not in RETRIED_STATUSES:
                 raise _refusal(response.status, data)
             problem = f"HTTP {response.status}: {data[:300].decode(errors='replace')}"
-        raise ConnectionError(f"{self.url}{path}: no answer after {self.retries + 1} attempts (last: {problem})")
 
     def _connection(self) -> http.client.HTTPConnection:
         connection = getattr(self._local, "connection", None)
