@@ -4,8 +4,8 @@ Model: the bundled default (`qscorer-tiny`, 224 x 224 pixel budget). Images: the
 centre crops at 224 x 224, as PNG files (what a client sends). Measured in one run:
 
 - in-process: ``scorer(images)`` on the decoded images, ``--batch`` per call, with ``--threads``
-  torch threads; also with the PNG decoding included. Measured before and after the service runs; the
-  ratio uses their mean.
+  torch threads; also with the PNG decoding included. Measured right before and right after each
+  service measurement (the machine is shared and its speed drifts); each ratio uses their mean.
 - the service (``qscorer serve`` as `build_app` builds it, on a local Ray instance, loopback):
   1, 8 and 32 concurrent clients (threads of this process, one kept-alive connection each), each
   sending requests of ``--images-per-request`` pre-encoded images back to back: images/s,
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import statistics
@@ -40,21 +39,14 @@ for _name, _value in LOCAL_RAY_ENVIRONMENT.items():  # before Ray is imported: o
 
 import torch  # noqa: E402
 from bench_default_model import example_batch  # noqa: E402
-from PIL import Image  # noqa: E402
 from timing import interleaved_median_ms, machine_info  # noqa: E402
 
 from qscorer_reward import QScorer  # noqa: E402
 from qscorer_reward.serving.http_api import encode_score_request  # noqa: E402
-from qscorer_reward.serving.images import decode_image  # noqa: E402
+from qscorer_reward.serving.images import decode_image, encode_png  # noqa: E402
 
 HOST = "127.0.0.1"
 TARGET_RATIO = 0.7
-
-
-def png(image: torch.Tensor) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def in_process(scorer: QScorer, files: list[bytes], batch: int, repeats: int) -> dict:
@@ -164,10 +156,21 @@ def main() -> None:
     threads = args.threads
     torch.set_num_threads(threads)
     total_images = 128 if args.quick else 768
-    repeats = 2 if args.quick else 5
-    files = [png(image) for image in example_batch(max(args.batch, args.images_per_request), 224)]
+    repeats = 2 if args.quick else 3
+    files = [encode_png(image) for image in example_batch(max(args.batch, args.images_per_request), 224)]
     scorer = QScorer.from_pretrained()
-    before = in_process(scorer, files, args.batch, repeats)
+    in_process(scorer, files, args.batch, 1)  # warm-up
+
+    def measured(run) -> dict:
+        """``run()``'s row, with in-process throughput measured right before and after it (the
+        machine is shared: its speed drifts) and the ratios to their mean."""
+        before = in_process(scorer, files, args.batch, repeats)
+        row = run()
+        after = in_process(scorer, files, args.batch, repeats)
+        for name in before:
+            row[f"in_process_{name}_images_per_s"] = [before[name], after[name]]
+            row[f"ratio_to_in_process_{name}"] = row["images_per_s"] / ((before[name] + after[name]) / 2)
+        return row
 
     ray.init(num_cpus=max(threads, 2), include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
     port = free_port()
@@ -179,8 +182,9 @@ def main() -> None:
             app = build_app(settings, replicas=replicas, num_cpus_per_replica=max(1, threads // replicas))
             serve.run(app, name="bench", route_prefix="/")
             load(port, files, 4, args.images_per_request, 64)  # warm-up: connections, first batches
-            rows = [load(port, files, n, args.images_per_request, total_images) for n in (1, 8, 32)]
-            services[f"{replicas}_replica"] = rows
+            services[f"{replicas}_replica"] = [
+                measured(lambda n=n: load(port, files, n, args.images_per_request, total_images)) for n in (1, 8, 32)
+            ]
             if replicas == 1:
                 overhead = {
                     "healthz": sequential_ms(port, "GET", "/healthz", None, 50 if args.quick else 200),
@@ -192,16 +196,9 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    after = in_process(scorer, files, args.batch, repeats)
-    baseline = {name: (before[name] + after[name]) / 2 for name in before}
 
     pixels = example_batch(16, 224)
-    encode_ms = 1e3 * min(timeit(lambda: [png(image) for image in pixels]) for _ in range(3)) / len(pixels)
-
-    for rows in services.values():
-        for row in rows:
-            row["ratio_to_in_process"] = row["images_per_s"] / baseline["decoded"]
-            row["ratio_to_in_process_with_decoding"] = row["images_per_s"] / baseline["with_decoding"]
+    encode_ms = 1e3 * min(timeit(lambda: [encode_png(image) for image in pixels]) for _ in range(3)) / len(pixels)
     target_row = services["1_replica"][-1]
     results = dict(
         machine=machine_info(),
@@ -210,22 +207,21 @@ def main() -> None:
         threads=threads,
         threads_per_replica={"1_replica": threads, "2_replica": max(1, threads // 2)},
         max_batch_size=args.batch,
-        in_process_images_per_s={"before": before, "after": after, "mean": baseline},
         service=services,
         overhead=overhead,
         client_png_encode_ms_per_image=encode_ms,
         target_ratio=TARGET_RATIO,
-        meets_target=target_row["ratio_to_in_process"] >= TARGET_RATIO,
+        meets_target=target_row["ratio_to_in_process_decoded"] >= TARGET_RATIO,
     )
-    print(f"in-process, batch {args.batch}: {baseline['decoded']:.1f} images/s decoded "
-          f"(before {before['decoded']:.1f}, after {after['decoded']:.1f}); "
-          f"{baseline['with_decoding']:.1f} with PNG decoding")  # fmt: skip
     for name, rows in services.items():
         for row in rows:
+            low, high = sorted(row["in_process_decoded_images_per_s"])
             print(f"{name} {row['clients']:2d} clients x {row['images_per_request']} img: {row['images_per_s']:6.1f} "
-                  f"images/s ({row['ratio_to_in_process']:.2f}x), p50 {row['latency_p50_ms']:7.1f} ms, "
-                  f"p99 {row['latency_p99_ms']:7.1f} ms, batch mean {row['batch_size_mean']:.1f} "
-                  f"max {row['batch_size_max']}, failures {row['failures']}")  # fmt: skip
+                  f"images/s = {row['ratio_to_in_process_decoded']:.2f}x in-process ({low:.0f}-{high:.0f}/s; "
+                  f"{row['ratio_to_in_process_with_decoding']:.2f}x with its PNG decoding), "
+                  f"p50 {row['latency_p50_ms']:.0f} ms, p99 {row['latency_p99_ms']:.0f} ms, "
+                  f"batch mean {row['batch_size_mean']:.1f} max {row['batch_size_max']}, "
+                  f"failures {row['failures']}")  # fmt: skip
     healthz, one_image = overhead["healthz"], overhead["one_image_score"]
     print(f"bare request: GET /healthz {healthz['p50_ms']:.1f} ms p50 ({healthz['requests_per_s']:.0f}/s); "
           f"one-image POST /score {one_image['p50_ms']:.1f} ms p50")  # fmt: skip

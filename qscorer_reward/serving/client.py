@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import io
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from PIL import Image
 
 from ..preprocessing import ImageInput, load_image, to_unit_pixels
 from .http_api import TOKEN_ENVIRONMENT_VARIABLE, encode_score_request
+from .images import encode_png
 
 logger = logging.getLogger(__name__)
 
@@ -200,9 +200,7 @@ class RemoteQScorer:
             except (TypeError, ValueError) as err:
                 raise type(err)(str(err).replace("images[0]", name, 1)) from None
             pixels = unit.mul(255).round_().to(torch.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
-        return buffer.getvalue()
+        return encode_png(pixels)
 
     # ------------------------------------------------------------------ HTTP
 

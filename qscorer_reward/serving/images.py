@@ -1,5 +1,6 @@
-"""Images as they travel to and from the reward service: decoding the encoded files a request
-carries, and scoring decoded images so that one bad image fails only itself.
+"""Images as they travel to and from the reward service: encoding pixels as PNG files (the client),
+decoding the files a request carries, and scoring decoded images so that one bad image fails only
+itself (the server).
 
 `decode_image` is the one place where the service and the Ray Data engine turn bytes into pixels.
 """
@@ -54,6 +55,13 @@ def decode_image(data: bytes, max_image_pixels: int, name: str = "image") -> tor
         raise ImageRejected(f"{name} is not a PNG, JPEG or WebP file", "not_an_image") from err
     except Exception as err:  # whatever a broken file makes a decoder raise is the sender's problem
         raise ImageRejected(f"{name} cannot be decoded ({type(err).__name__}: {err})", "not_an_image") from err
+
+
+def encode_png(pixels: torch.Tensor) -> bytes:
+    """uint8 ``[3, H, W]`` -> the bytes of a PNG file (lossless; zlib level 1, fast to write)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def score_images(scorer, images: list[torch.Tensor]) -> list[float | ValueError]:
