@@ -145,6 +145,7 @@ def main() -> None:
         "--threads", type=int, default=os.cpu_count() or 1,
         help="torch threads in-process and of one replica; 2 replicas get half each, at least 1 (default: all cores)",
     )  # fmt: skip
+    parser.add_argument("--batch-wait-timeout-ms", type=float, default=10.0, help="the server's (default 10)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -175,7 +176,7 @@ def main() -> None:
     ray.init(num_cpus=max(threads, 2), include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
     port = free_port()
     serve.start(http_options={"host": HOST, "port": port})
-    settings = ServiceSettings(max_batch_size=args.batch, batch_wait_timeout_ms=10)
+    settings = ServiceSettings(max_batch_size=args.batch, batch_wait_timeout_ms=args.batch_wait_timeout_ms)
     services = {}
     try:
         for replicas in (1, 2):
@@ -207,6 +208,7 @@ def main() -> None:
         threads=threads,
         threads_per_replica={"1_replica": threads, "2_replica": max(1, threads // 2)},
         max_batch_size=args.batch,
+        batch_wait_timeout_ms=args.batch_wait_timeout_ms,
         service=services,
         overhead=overhead,
         client_png_encode_ms_per_image=encode_ms,

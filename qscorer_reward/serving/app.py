@@ -128,10 +128,10 @@ class QScorerService:
         results = await asyncio.gather(*(self.score_batch(image) for image in images))
         for index, (score, _) in enumerate(results):
             if isinstance(score, ValueError):  # scored alone, the scorer calls it images[0]
-                message = str(score)
-                name = f"images[{index}]"
-                message = name + message[9:] if message.startswith("images[0]") else f"{name}: {message}"
-                raise RequestError(message, "unscorable")
+                message, name = str(score), f"images[{index}]"
+                if message.startswith("images[0]"):
+                    raise RequestError(name + message.removeprefix("images[0]"), "unscorable")
+                raise RequestError(f"{name}: {message}", "unscorable")
         return {
             "scores": [score for score, _ in results],
             "model": self.model_name,
@@ -219,8 +219,6 @@ def run_service(
     else:
         ray.init(address=address, log_to_driver=False)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # from now on a signal ends the service, once it is up
-        signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         app = build_app(
@@ -234,6 +232,11 @@ def run_service(
         except RuntimeError as err:  # a replica that cannot start: Serve gave up on it
             print(f"error: the service did not start: {_replica_failure(name) or err}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C while the replicas load
+            print("interrupted before the service was up", file=sys.stderr)
+            return 130
+        for signum in (signal.SIGINT, signal.SIGTERM):  # from now on a signal ends the service cleanly
+            signal.signal(signum, lambda *_: stop.set())
         url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
         print(f"serving {settings.model or 'the bundled default model'} at {url} ({replicas} replica(s))", flush=True)
         if detach:
