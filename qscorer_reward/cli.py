@@ -382,12 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dataset needs --root, the folder the release was unpacked into")
     if args.command == "score" and args.engine != "ray" and (args.address or args.actors):
         parser.error("--address and --actors go with --engine ray")
-    if (
-        args.command == "score"
-        and args.engine == "ray"
-        and (args.device or (args.actors is not None and args.actors < 1))
-    ):
-        parser.error("with --engine ray, --actors must be >= 1 and --device is not taken (actors use their GPU)")
+    if args.command == "score" and args.engine == "ray" and args.device:
+        parser.error("--device goes with the default engine: Ray actors score on their GPU when they have one")
+    if args.command == "score" and args.actors is not None and args.actors < 1:
+        parser.error("--actors must be >= 1")
     if args.command == "serve" and min(args.replicas, args.max_batch_size, args.max_images_per_request) < 1:
         parser.error("--replicas, --max-batch-size and --max-images-per-request must be >= 1")
     if args.command == "serve" and args.detach and not args.address:
