@@ -381,6 +381,37 @@ def test_qscorer_serve_deploys_onto_the_running_cluster_and_shuts_down_cleanly(s
     assert _post(url, "/healthz", method="GET")[0] == 200  # ... and only its own
 
 
+def test_qscorer_serve_reports_a_model_that_cannot_load_in_one_line(service, tmp_path):
+    command = [sys.executable, "-m", "qscorer_reward.cli", "serve", "--model", str(tmp_path / "missing"),
+               "--address", ray.get_runtime_context().gcs_address, "--name", "broken", "--route-prefix", "/broken",
+               "--num-cpus-per-replica", "0.5"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"error: the service did not start: FileNotFoundError: {tmp_path / 'missing'}: no such checkpoint" in (
+        result.stderr
+    )
+    assert _post(service[0], "/broken/healthz", method="GET")[0] == 404
+    assert _post(service[0], "/healthz", method="GET")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "--replicas", "0"], "--replicas, --max-batch-size and --max-images-per-request must be >= 1"),
+        (["serve", "--detach"], "--detach needs --address"),
+        (["score", "x", "--actors", "2"], "--address and --actors go with --engine ray"),
+        (["score", "x", "--engine", "ray", "--actors", "0"], "--actors must be >= 1"),
+        (["score", "x", "--engine", "ray", "--device", "cuda"], "--device goes with the default engine"),
+    ],
+)
+def test_refused_options(args, message, capsys):
+    from qscorer_reward.cli import main
+
+    with pytest.raises(SystemExit):
+        main(args)
+    assert message in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ integrations
 
 
