@@ -130,7 +130,7 @@ def _local_ray_environment(address: str | None) -> None:
 
 def _ray_score_command(args: argparse.Namespace) -> int:
     _local_ray_environment(args.address)
-    from .serving.ray_engine import run_ray_job
+    from .serving.ray_engine import find_inputs, run_ray_job
 
     output_format = row_file_format(args.output or "", args.format)
     problem = _score_output_problem(args, output_format, 1)
@@ -138,8 +138,16 @@ def _ray_score_command(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
+        files = find_inputs(args.paths)
+    except (OSError, ValueError) as err:  # a URI that cannot be listed: unknown scheme, no access
+        print(f"error: cannot list the inputs: {err}", file=sys.stderr)
+        return 2
+    if not files:
+        print("no image files found", file=sys.stderr)
+        return 1
+    try:
         summary = run_ray_job(
-            args.paths, Path(args.output) if args.output else None, output_format,
+            files, Path(args.output) if args.output else None, output_format,
             model=args.model, dtype=args.dtype, resume=args.resume, batch_size=args.batch_size,
             actors=args.actors, address=args.address, progress=not args.no_progress,
         )  # fmt: skip

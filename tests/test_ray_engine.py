@@ -175,3 +175,10 @@ def test_ray_engine_killed_mid_run_resumes_where_it_stopped(model_dir, tmp_path,
     rows = _rows(output)
     assert [Path(row["path"]).name for row in rows] == [f"{index:03d}.png" for index in range(150)]
     assert all(1.0 <= row["score"] <= 5.0 for row in rows)
+
+
+def test_ray_engine_reports_inputs_without_images_or_that_cannot_be_listed(tmp_path, capsys):
+    status, _, err = _run(["score", str(tmp_path), "--engine", "ray"], capsys)
+    assert status == 1 and "no image files found" in err
+    status, _, err = _run(["score", "nosuch://bucket/folder", "--engine", "ray"], capsys)
+    assert status == 2 and "error: cannot list the inputs: Unrecognized filesystem type" in err

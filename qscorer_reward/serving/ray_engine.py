@@ -119,7 +119,7 @@ class ScoringActor:
 
 
 def run_ray_job(
-    paths: list[str],
+    files: list[str],
     output: Path | None,
     output_format: str,
     *,
@@ -131,7 +131,7 @@ def run_ray_job(
     address: str | None = None,
     progress: bool = True,
 ) -> ScoreSummary:
-    """Score ``paths`` (see `find_inputs`) on Ray Data and write their rows to ``output``
+    """Score ``files`` (as `find_inputs` lists them) on Ray Data and write their rows to ``output``
     (stdout when ``None``) in ``output_format``.
 
     A CSV or JSONL ``output`` gets each row as it comes, then is rewritten whole in input order;
@@ -145,7 +145,6 @@ def run_ray_job(
     if started:
         ray.init(address=address, log_to_driver=False)
     try:
-        files = find_inputs(paths)
         resumable = output is not None and output_format != "table"
         kept = {}
         if resumable and resume:
