@@ -4,6 +4,7 @@ pipeline renders them, Q-Scorer rates the images, and TRL's GRPOTrainer updates 
     python examples/trl_grpo_reward.py            # tiny random models built in code, CPU, seconds
     python examples/trl_grpo_reward.py --policy Qwen/Qwen2.5-0.5B --pipeline stabilityai/sd-turbo \\
         --scorer path/to/qscorer-checkpoint --device cuda --max-steps 200
+    python examples/trl_grpo_reward.py --scorer-url http://127.0.0.1:8000   # the scorer of `qscorer serve`
 
 With the defaults nothing is downloaded and every model has random weights: the run shows the
 wiring (rendering, scoring, logging, updates), not learning.
@@ -42,7 +43,11 @@ def load_models(args):
         from qscorer_reward.testing.pipelines import tiny_pipeline
 
         pipeline = tiny_pipeline("sd")
-    if args.scorer:
+    if args.scorer_url:
+        from qscorer_reward.serving import RemoteQScorer
+
+        scorer = RemoteQScorer(args.scorer_url)  # token from $QSCORER_SERVE_TOKEN, if set
+    elif args.scorer:
         scorer = QScorer.from_pretrained(args.scorer, device=args.device)
     else:
         from qscorer_reward.testing import tiny_scorer
@@ -61,6 +66,7 @@ def main():
     parser.add_argument("--policy", help="causal LM id or path (default: a tiny random one)")
     parser.add_argument("--pipeline", help="diffusers text-to-image id or path (default: a tiny random one)")
     parser.add_argument("--scorer", help="Q-Scorer checkpoint (default: a tiny random one)")
+    parser.add_argument("--scorer-url", help="a running `qscorer serve` to score with instead")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--inference-steps", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=2)

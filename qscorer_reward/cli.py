@@ -4,6 +4,9 @@
   ``accelerate launch``; see `qscorer_reward.scoring_job`).
 - ``qscorer filter SRC... --min-score X --dest DIR`` copies, moves or symlinks the images that score
   at least X (see `qscorer_reward.filter_job`).
+- ``qscorer score PATH... --engine ray [--address ADDR]`` scores them on Ray Data instead (see
+  `qscorer_reward.serving.ray_engine`); ``qscorer serve`` runs the reward service (Ray Serve, see
+  `qscorer_reward.serving.app`).
 - ``qscorer train --config FILE.yaml`` fine-tunes a Q-Scorer (also under ``accelerate launch``).
 - ``qscorer eval --checkpoint DIR (--dataset NAME --root DIR | --manifest FILE)`` reports SRCC,
   PLCC, KRCC and RMSE on a dataset.
@@ -90,6 +93,8 @@ def _score_output_problem(args: argparse.Namespace, output_format: str, num_proc
 
 
 def _score_command(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return _ray_score_command(args)
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -130,6 +135,73 @@ def _score_command(args: argparse.Namespace) -> int:
         report_status = run_report(Path(args.output), Path(args.report), model=model, sources=args.paths)
         return max(summary.exit_status, min(report_status, 1))  # the scores are written whatever the page does
     return summary.exit_status
+
+
+def _local_ray_environment(address: str | None) -> None:
+    """Before Ray is imported: a local instance (no ``address``) on loopback, without usage report."""
+    from .serving import LOCAL_RAY_ENVIRONMENT
+
+    if address is None:
+        for name, value in LOCAL_RAY_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+
+
+def _ray_score_command(args: argparse.Namespace) -> int:
+    _local_ray_environment(args.address)
+    from .serving.ray_engine import find_inputs, run_ray_job
+
+    output_format = row_file_format(args.output or "", args.format)
+    problem = _score_output_problem(args, output_format, 1)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        files = find_inputs(args.paths)
+    except (OSError, ValueError) as err:  # a URI that cannot be listed: unknown scheme, no access
+        print(f"error: cannot list the inputs: {err}", file=sys.stderr)
+        return 2
+    if not files:
+        print("no image files found", file=sys.stderr)
+        return 1
+    try:
+        summary = run_ray_job(
+            files, Path(args.output) if args.output else None, output_format,
+            model=args.model, dtype=args.dtype, resume=args.resume, batch_size=args.batch_size,
+            actors=args.actors, address=args.address, progress=not args.no_progress,
+        )  # fmt: skip
+    except ValueError as err:  # an output to resume that is not one `score` wrote
+        print(f"error: cannot resume: {err}", file=sys.stderr)
+        return 2
+    kept = f"; {summary.kept} kept from {args.output}" if args.resume else ""
+    print(f"scored {summary.scored} image(s), {summary.failed} failed{kept}", file=sys.stderr)
+    return summary.exit_status
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    _local_ray_environment(args.address)
+    from .serving.app import ServiceSettings, run_service
+    from .serving.http_api import TOKEN_ENVIRONMENT_VARIABLE, ServiceLimits
+
+    model = args.model
+    if model is not None and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())  # the replicas' working folder is not ours
+    settings = ServiceSettings(
+        model=model,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_ms=args.batch_wait_timeout_ms,
+        token=args.token or os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None,
+        limits=ServiceLimits(
+            max_images_per_request=args.max_images_per_request,
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            max_image_pixels=args.max_image_pixels,
+        ),
+    )
+    return run_service(
+        settings, host=args.host, port=args.port, replicas=args.replicas,
+        num_cpus_per_replica=args.num_cpus_per_replica, num_gpus_per_replica=args.num_gpus_per_replica,
+        address=args.address, name=args.name, route_prefix=args.route_prefix, detach=args.detach,
+    )  # fmt: skip
 
 
 def _filter_command(args: argparse.Namespace) -> int:
@@ -303,7 +375,42 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     score.add_argument("--report", metavar="PAGE.html", help="then write `qscorer report` of --output (CSV or JSONL)")
     _add_scoring_arguments(score)
+    score.add_argument(
+        "--engine", choices=["accelerate", "ray"], default="accelerate",
+        help="accelerate (default: this machine, or `accelerate launch`) or ray (Ray Data, across a Ray cluster; "
+        "PATHs may then also be URIs such as s3://bucket/folder)",
+    )  # fmt: skip
+    score.add_argument("--address", default=None, help="with --engine ray: the Ray cluster (default: a local one)")
+    score.add_argument(
+        "--actors", type=int, default=None, help="with --engine ray: scorer actors (default: one per GPU, else 1)"
+    )
     score.set_defaults(run=_score_command)
+
+    serve = commands.add_parser("serve", help="run the reward service: POST /score over HTTP (Ray Serve)")
+    serve.add_argument("--model", default=None, help="checkpoint directory or hub id (default: bundled model)")
+    serve.add_argument("--dtype", choices=DTYPES, default=None, help="backbone weight dtype")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, default=1, help="copies of the model (default 1)")
+    serve.add_argument("--num-cpus-per-replica", type=float, default=1, help="also its torch threads (default 1)")
+    serve.add_argument("--num-gpus-per-replica", type=float, default=0, help="1: each replica scores on a GPU")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="most images per forward pass (default 32)")
+    serve.add_argument(
+        "--batch-wait-timeout-ms", type=float, default=10.0, help="how long a batch waits to fill (default 10)"
+    )
+    serve.add_argument("--max-images-per-request", type=int, default=256)
+    serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body, MiB (default 64)")
+    serve.add_argument(
+        "--max-image-pixels", type=int, default=4096 * 4096, help="largest image, checked before decoding"
+    )
+    serve.add_argument(
+        "--token", default=None, help="require 'Authorization: Bearer TOKEN' (better: set QSCORER_SERVE_TOKEN)"
+    )
+    serve.add_argument("--address", default=None, help="deploy onto this Ray cluster (default: start a local one)")
+    serve.add_argument("--name", default="qscorer", help="the Serve application's name (default qscorer)")
+    serve.add_argument("--route-prefix", default="/", help="URL prefix of the service (default /)")
+    serve.add_argument("--detach", action="store_true", help="with --address: deploy and return, leaving it running")
+    serve.set_defaults(run=_serve_command)
 
     filter_ = commands.add_parser("filter", help="copy, move or symlink the images that score at least a threshold")
     filter_.add_argument("sources", nargs="+", metavar="SRC", help="image files and folders (searched recursively)")
@@ -368,6 +475,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     if args.command == "eval" and args.dataset and not args.root:
         parser.error("--dataset needs --root, the folder the release was unpacked into")
+    if args.command == "score" and args.engine != "ray" and (args.address or args.actors):
+        parser.error("--address and --actors go with --engine ray")
+    if args.command == "score" and args.engine == "ray" and args.device:
+        parser.error("--device goes with the default engine: Ray actors score on their GPU when they have one")
+    if args.command == "score" and args.actors is not None and args.actors < 1:
+        parser.error("--actors must be >= 1")
+    if args.command == "serve" and min(args.replicas, args.max_batch_size, args.max_images_per_request) < 1:
+        parser.error("--replicas, --max-batch-size and --max-images-per-request must be >= 1")
+    if args.command == "serve" and args.detach and not args.address:
+        parser.error("--detach needs --address: a local Ray instance ends with the command")
     return args.run(args)
 
 

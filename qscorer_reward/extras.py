@@ -19,7 +19,7 @@ EXTRA_MODULES = {
     "diffusers": ("diffusers",),
     "trl": ("trl", "datasets"),
     "train": ("scipy",),
-    "serve": ("ray",),
+    "serve": ("ray", "starlette", "pyarrow"),
     "dev": ("selenium",),  # the browser that tests the HTML report (`qscorer_reward.testing.browser`)
 }
 

@@ -40,6 +40,8 @@ class QScorer(nn.Module):
     """
 
     lower_better = False
+    # Scores carry gradients to tensor pixels (a `RemoteQScorer`'s do not; see `require_gradients`).
+    differentiable = True
 
     def __init__(self, config: QScorerConfig, backbone: Backbone, head: ScoreHead, tokenizer=None):
         super().__init__()
@@ -325,6 +327,16 @@ class QScorer(nn.Module):
         for module in self.backbone.model.modules():
             if isinstance(module, GradientCheckpointingLayer):
                 module.training = self.training or self._gradient_checkpointing
+
+
+def require_gradients(scorer, user: str) -> None:
+    """Refuse, for ``user`` (what needs the gradients), a scorer whose scores carry none
+    (``scorer.differentiable`` false, e.g. a `RemoteQScorer`)."""
+    if not getattr(scorer, "differentiable", True):
+        raise TypeError(
+            f"{user} needs the gradient of the score with respect to the pixels, but {type(scorer).__name__} "
+            "gives scores without gradients; use a QScorer in this process (QScorer.from_pretrained(...))"
+        )
 
 
 def _chunks(images: ImageInput, batch_size: int | None) -> Iterator[ImageInput]:

@@ -54,6 +54,12 @@ def test_the_diffusers_integration_without_diffusers_names_its_extra(without):
         importlib.import_module("qscorer_reward.testing.pipelines")
 
 
+def test_the_reward_service_without_ray_names_its_extra(without):
+    without("ray", reimport=("qscorer_reward.serving.app",))
+    with pytest.raises(MissingExtraError, match=r'serving.app needs .*: pip install "qscorer-reward\[serve\]"$'):
+        importlib.import_module("qscorer_reward.serving.app")
+
+
 @pytest.mark.parametrize("command", [["train", "--config", "recipe.yaml"], ["eval", "--manifest", "scores.csv"]])
 def test_train_and_eval_without_the_train_extra_say_so_in_one_line(without, capsys, command):
     without("scipy", reimport=("qscorer_reward.training.trainer", "qscorer_reward.training.evaluation"))

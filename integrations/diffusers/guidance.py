@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from diffusers.callbacks import PipelineCallback
 
-from qscorer_reward.scorer import QScorer
+from qscorer_reward.scorer import QScorer, require_gradients
 
 from .latents import decode_latents, decoding_vae
 from .sampling import SamplingObserver
@@ -74,6 +74,7 @@ class QScorerGuidance(PipelineCallback):
         micro_batch_size: int | None = 1,
         gradient_checkpointing: bool = True,
     ):
+        require_gradients(scorer, "QScorerGuidance")
         super().__init__(
             cutoff_step_ratio=None if cutoff_step_index is not None else cutoff_step_ratio,
             cutoff_step_index=cutoff_step_index,

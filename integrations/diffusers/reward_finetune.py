@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from qscorer_reward.config_files import config_to_dict, load_config, parse_overrides, save_config
-from qscorer_reward.scorer import QScorer
+from qscorer_reward.scorer import QScorer, require_gradients
 
 from .latents import decode_latents, decoding_vae, denoiser, pipeline_family
 from .sampling import SamplingObserver
@@ -192,6 +192,7 @@ class RewardFinetuner:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
+        require_gradients(scorer, f"reward fine-tuning ({config.method})")
         self.config = config
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, log_with=config.report_to, project_dir=config.output_dir
