@@ -58,6 +58,14 @@ class Backbone(nn.Module, ABC):
         """Smallest image side (pixels) accepted; smaller images are refused, not upsampled."""
         return self.config.patch_size
 
+    @property
+    def decode_pixel_budget(self) -> int:
+        """Images read from files or given as PIL images are reduced to about this many pixels
+        right after decoding (`qscorer_reward.preprocessing.open_image`), which bounds the memory
+        of each image: 4x the config's ``max_pixels``, so that `prepare`'s own antialiased resize
+        still makes the last step down to the budget (at least 2x per side)."""
+        return 4 * self.config.max_pixels
+
     @abstractmethod
     def prepare(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> BackboneInputs:
         """Build the batch from float RGB pixels in [0, 1] (``[B, 3, H, W]`` or a list of
