@@ -1,6 +1,9 @@
 """Checkpoint round trips in both forms, and precise errors for broken checkpoint directories."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -250,3 +253,43 @@ def test_adapter_file_is_in_peft_format(base_model_dir, tmp_path):
     ours = {n: p for n, p in scorer.backbone.model.named_parameters() if "lora_" in n}
     theirs = {n.removeprefix("base_model.model."): p for n, p in peft_model.named_parameters() if "lora_" in n}
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def _with_base_model(base_model_dir, tmp_path, base_model: str):
+    directory = tmp_path / "parts"
+    QScorer.from_base_model(base_model_dir).save_pretrained(directory, weights_format="trained_parts")
+    config = json.loads((directory / "qscorer_config.json").read_text())
+    config["base_model"] = base_model
+    (directory / "qscorer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_base_model_path_that_does_not_exist_is_named_as_a_path(base_model_dir, tmp_path):
+    missing = str(tmp_path / "moved" / "base")
+    directory = _with_base_model(base_model_dir, tmp_path, missing)
+    with pytest.raises(FileNotFoundError, match=f"its base_model {missing} does not exist") as raised:
+        QScorer.from_pretrained(directory)
+    assert "Repo id" not in str(raised.value)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_base_model_the_hub_cannot_give_fails_at_once(base_model_dir, tmp_path, offline):
+    """``runs/x`` (a typo of a local folder, shaped like a hub id): with downloads off, or the hub
+    unreachable (here: an endpoint nothing listens on), the error comes at once and names it."""
+    directory = _with_base_model(base_model_dir, tmp_path, "runs/x")
+    code = (
+        "import sys\nfrom qscorer_reward import QScorer\n"
+        "try:\n    QScorer.from_pretrained(sys.argv[1])\nexcept FileNotFoundError as err:\n    print(err)\n"
+    )
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-c", code, str(directory)], env=env, capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    message = result.stdout
+    assert f"base_model 'runs/x': there is no such local folder ({tmp_path / 'runs' / 'x'})" in message
+    reason = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the hub (http://127.0.0.1:9) cannot be reached"
+    assert reason in message
