@@ -117,12 +117,20 @@ def _warn_outside_score_range(min_score: float, score_range: tuple[float, float]
               "every scored image passes", file=sys.stderr)  # fmt: skip
 
 
-def _report_skipped(skipped: list, where: str | None) -> None:
-    """List what the search skipped on stderr (the first `SKIPPED_LISTED`; all are in ``where``)."""
-    for row in skipped[:SKIPPED_LISTED]:
+def _report_skipped(skipped: list, where: str | None = None) -> None:
+    """List what the search skipped on stderr: all of it, or, when ``where`` (the output) lists it
+    too, the first `SKIPPED_LISTED`."""
+    listed = skipped if where is None else skipped[:SKIPPED_LISTED]
+    for row in listed:
         print(f"skipped {display_path(row.path)}: {row.error.removeprefix(SKIPPED)}", file=sys.stderr)
-    if len(skipped) > SKIPPED_LISTED:
+    if len(listed) < len(skipped):
         print(f"... and {len(skipped) - SKIPPED_LISTED} more skipped, all listed in {where}", file=sys.stderr)
+
+
+def _no_images(search) -> int:
+    skipped = f" ({len(search.skipped)} skipped)" if search.skipped else ""
+    print(f"no image files found{skipped}", file=sys.stderr)
+    return 1
 
 
 def _search(paths, exclude=()):
@@ -193,10 +201,7 @@ def _score_command(args: argparse.Namespace) -> int:
             _report_skipped(search.skipped, args.output or "the output")
         paths = search.paths
         if not paths:
-            print(
-                f"no image files found{f' ({len(search.skipped)} skipped)' if search.skipped else ''}", file=sys.stderr
-            )
-            return 1
+            return _no_images(search)
         device = args.device or (state.device if state.num_processes > 1 else None)
         scorer = _load_scorer(args, device, report=state.is_main_process and not args.quiet)
         progress = _show_progress(args)
@@ -238,12 +243,11 @@ def _write_stream(args: argparse.Namespace, output_format: str, rows, search):
 def _filter_command(args: argparse.Namespace) -> int:
     dest = Path(args.dest)
     search = _search(args.sources, exclude=[dest])  # never its own earlier output again
-    _report_skipped(search.skipped, "the lines above")
+    _report_skipped(search.skipped)
     files = list(dict(search.files).items())
     paths = [file for file, _ in files]
     if not files:
-        print(f"no image files found{f' ({len(search.skipped)} skipped)' if search.skipped else ''}", file=sys.stderr)
-        return 1
+        return _no_images(search)
     if not args.dry_run:
         _check_writable(dest)
     if args.scores:
@@ -469,7 +473,7 @@ def _add_eval_command(commands) -> None:
         nargs=2,
         default=None,
         metavar=("LOW", "HIGH"),
-        help="the manifest's MOS scale (default: read from the manifest)",
+        help="the manifest's MOS scale, rescaled to 1..5 (default: it is on 1..5 already)",
     )
     evaluate.add_argument(
         "--name", default=None, help="dataset name in the report (default: the dataset or manifest name)"

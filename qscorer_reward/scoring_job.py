@@ -14,6 +14,7 @@ starts with ``skipped:``. File names are written losslessly whatever their encod
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -120,7 +121,7 @@ def search_images(paths: Iterable[str | Path], exclude: Iterable[str | Path] = (
         for folder, folders, names in os.walk(path, onerror=unreadable):
             folder = Path(folder)
             for name in list(folders):
-                if _identity(folder / name) in excluded:
+                if excluded and _identity(folder / name) in excluded:
                     folders.remove(name)
                 elif (folder / name).is_symlink():
                     skipped.append(
@@ -169,12 +170,12 @@ def _pillow_suffixes() -> set[str]:
     if not _PILLOW_SUFFIXES:
         from PIL import Image
 
-        try:  # HEIC/HEIF: Pillow reads them once pillow-heif registers itself
+        with contextlib.suppress(ImportError):  # HEIC/HEIF, once pillow-heif registers itself
             from pillow_heif import register_heif_opener
 
             register_heif_opener()
-        except ImportError:
-            pass
+        with contextlib.suppress(ImportError):  # AVIF for a Pillow without it: registers on import
+            import pillow_avif  # noqa: F401
         Image.init()
         _PILLOW_SUFFIXES.update(suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN)
     return _PILLOW_SUFFIXES
