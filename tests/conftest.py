@@ -40,7 +40,6 @@ def pytest_runtest_call(item):
     return (yield)
 
 
-
 @functools.cache
 def shared_scorer(family: str = "qwen2_5_vl", num_score_tokens: int = 1):
     """One tiny scorer per (family, K) for the whole session; tests must not modify it."""
