@@ -91,7 +91,8 @@ def main() -> dict:
     for name in ("reduced", "full"):
         row = results[name]
         print(f"{name:>8}: peak {row['peak_mb']:8.1f} MB, {row['seconds']:.2f} s, pixels {row['pixels_shape']}")
-    print(f"file {results['file_kb']:.0f} KB; full / reduced peak memory: {results['peak_ratio_full_over_reduced']:.1f}x")
+    ratio = results["peak_ratio_full_over_reduced"]
+    print(f"file {results['file_kb']:.0f} KB; full / reduced peak memory: {ratio:.1f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results

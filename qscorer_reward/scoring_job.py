@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import importlib
 import io
 import json
 import os
@@ -174,8 +175,9 @@ def _pillow_suffixes() -> set[str]:
             from pillow_heif import register_heif_opener
 
             register_heif_opener()
-        with contextlib.suppress(ImportError):  # AVIF for a Pillow without it: registers on import
-            import pillow_avif  # noqa: F401
+        for plugin in ("pillow_avif", "pillow_jxl"):  # these register themselves when imported
+            with contextlib.suppress(ImportError):
+                importlib.import_module(plugin)
         Image.init()
         _PILLOW_SUFFIXES.update(suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN)
     return _PILLOW_SUFFIXES
