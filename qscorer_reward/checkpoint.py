@@ -149,11 +149,58 @@ def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
         if not local.is_dir():
             raise NotADirectoryError(f"{local} is a file; a Q-Scorer checkpoint is a directory")
         return local
-    if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+    if _looks_like_hub_id(str(path)):
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path)))
+        local_only = _check_hub_source(str(path), "checkpoint")
+        return Path(snapshot_download(str(path), local_files_only=local_only))
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``namespace/name`` or ``name``, never a path that only a local folder can be."""
+    return (
+        name.count("/") <= 1 and "\\" not in name and not name.startswith((".", "/", "~")) and "" not in name.split("/")
+    )
+
+
+def _check_hub_source(name: str, what: str) -> bool:
+    """Before fetching ``name`` (a hub id that is no local folder) from the Hugging Face Hub: raise
+    `FileNotFoundError` at once, rather than after the hub client's retries, when it can be neither
+    downloaded (offline mode, or the hub unreachable) nor found in the local cache. Returns whether
+    it must be read from the cache only (the hub unreachable, but the files cached)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str) or isinstance(
+        try_to_load_from_cache(name, CONFIG_NAME), str
+    )
+    offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
+    unreachable = "downloads are off (HF_HUB_OFFLINE=1)" if offline else _hub_unreachable(constants.ENDPOINT)
+    if unreachable is None or cached:
+        return unreachable is not None
+    raise FileNotFoundError(
+        f"{what} {name!r}: there is no such local folder ({Path(name).absolute()}), and as a Hugging Face Hub id "
+        f"it is not in the local cache and {unreachable}; check the path, or connect to the network"
+    )
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why ``endpoint`` cannot be reached (a 3 s connection attempt), or ``None`` if it can or a
+    proxy stands between (then the hub client finds out)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(
+        os.environ.get(name)
+        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    ):
+        return None
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as err:
+        return f"the hub ({endpoint}) cannot be reached ({err.strerror or err})"
+    return None
 
 
 @dataclasses.dataclass
@@ -196,6 +243,15 @@ def load_checkpoint(
     else:
         if not config.base_model:
             raise ValueError(f"{directory / CONFIG_NAME}: weights_format 'trained_parts' needs base_model")
+        if not Path(config.base_model).expanduser().exists():
+            if not _looks_like_hub_id(config.base_model):
+                raise FileNotFoundError(
+                    f"{directory / CONFIG_NAME}: its base_model {config.base_model} does not exist; "
+                    "copy the base model there, or set base_model to where it is"
+                )
+            load_kwargs["local_files_only"] = _check_hub_source(
+                config.base_model, f"{directory / CONFIG_NAME}: base_model"
+            )
         model = _load_backbone(config.base_model, **load_kwargs)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

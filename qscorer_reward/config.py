@@ -19,6 +19,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # (as the paper's training loss), or not at all (as the paper's evaluation).
 SCORE_BOUNDS = ("soft_clamp", "clamp", "none")
 
+# Largest pixel budget accepted: 8192 x 8192, some 85,000 visual tokens at 28 px per token, far
+# beyond any vision-language model's context; a larger value is a typo that would make the first
+# call try to allocate terabytes.
+MAX_PIXEL_BUDGET = 8192 * 8192
+
 # Qwen chat layout; `{image}` is replaced by the vision-start token, the image tokens and the
 # vision-end token. The score tokens are appended after the template.
 QWEN_PROMPT_TEMPLATE = (
@@ -95,6 +100,12 @@ class QScorerConfig:
             raise ValueError(f"score_range must be (low, high) with low < high, got {self.score_range}")
         if self.score_bound not in SCORE_BOUNDS:
             raise ValueError(f"score_bound must be one of {SCORE_BOUNDS}, got {self.score_bound!r}")
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+            if not (whole and 0 < value <= MAX_PIXEL_BUDGET):
+                raise ValueError(f"{name} must be a whole number of pixels in [1, {MAX_PIXEL_BUDGET}], got {value!r}")
+            setattr(self, name, int(value))
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(
                 f"pixel budget must satisfy 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}"

@@ -26,37 +26,190 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 RANGE_TOLERANCE = 0.1
 
 
-def load_image(path: str | os.PathLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Read an image file as a uint8 tensor ``[3, H, W]``.
+def open_image(
+    path: str | os.PathLike,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    reduce_to_pixels: int | None = None,
+) -> Image.Image:
+    """Read an image file as an 8-bit RGB PIL image, upright and, if asked, already reduced.
 
-    Raises `ValueError` naming the file when it is missing, unreadable, truncated or larger than
-    ``max_image_pixels`` (checked from the header, before any pixel is decoded).
+    Every file and PIL input of the package goes through here (or `to_rgb_image` for images
+    already in memory), so they are all seen alike:
+
+    - the EXIF orientation tag is applied (a photo stored sideways comes out as it is displayed);
+    - every PIL mode becomes 8-bit RGB by its real value range (see `to_rgb_image`);
+    - with ``reduce_to_pixels``, an image larger than that is reduced right after decoding (JPEG
+      decodes at 1/2, 1/4 or 1/8 scale directly, then an antialiased resize) to an area of at most
+      about ``reduce_to_pixels``, aspect ratio kept; smaller images are untouched. Memory then
+      peaks at the decoded file in its own mode, not at a float copy of it.
+
+    Raises `ValueError` naming the file when it is missing, unreadable, truncated, of a mode that
+    cannot be converted, or larger than ``max_image_pixels`` (checked from the header, before any
+    pixel is decoded).
     """
     path = Path(path)
     try:
         with Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_image_pixels:
-                raise ValueError(
-                    f"{path}: image is {width}x{height} = {width * height} pixels, over the limit of "
-                    f"{max_image_pixels} (a possible decompression bomb); raise max_image_pixels to allow it"
-                )
-            image.load()
-            return pil_to_tensor(image)
+            return decode_opened_image(
+                image, max_image_pixels=max_image_pixels, reduce_to_pixels=reduce_to_pixels, name=str(path)
+            )
     except FileNotFoundError as err:
         raise ValueError(f"{path}: no such file") from err
+    except IsADirectoryError as err:
+        raise ValueError(f"{path}: is a folder, not an image file") from err
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path}: cannot read image ({err})") from err
 
 
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image of any mode -> uint8 ``[3, H, W]``; transparency is composited onto white."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
+def decode_opened_image(
+    image: Image.Image,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    reduce_to_pixels: int | None = None,
+    name: str = "image",
+) -> Image.Image:
+    """Decode an image PIL has opened but not yet loaded (a file, or bytes in memory) as
+    `open_image` does: the size checked from the header, a JPEG decoded directly at a reduced scale
+    when ``reduce_to_pixels`` allows, then `to_rgb_image`. ``name`` is what errors name."""
+    width, height = image.size
+    if width * height > max_image_pixels:
+        raise ValueError(
+            f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_image_pixels} (a possible decompression bomb); raise max_image_pixels to allow it"
+        )
+    if reduce_to_pixels is not None and width * height > reduce_to_pixels:
+        image.draft(image.mode, _reduced_size(width, height, reduce_to_pixels))
+    image.load()
+    return to_rgb_image(image, reduce_to_pixels=reduce_to_pixels, name=name)
+
+
+def rgb_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> uint8 ``[3, H, W]``."""
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def load_image(
+    path: str | os.PathLike,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    *,
+    reduce_to_pixels: int | None = None,
+) -> torch.Tensor:
+    """Read an image file as a uint8 tensor ``[3, H, W]`` (see `open_image`, which reads it)."""
+    return rgb_to_tensor(open_image(path, max_image_pixels=max_image_pixels, reduce_to_pixels=reduce_to_pixels))
+
+
+# EXIF orientation (tag 0x0112) -> the transposition that shows the image as it is meant to be seen.
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def to_rgb_image(image: Image.Image, *, reduce_to_pixels: int | None = None, name: str = "image") -> Image.Image:
+    """Any PIL image -> a new 8-bit RGB image, upright, reduced to about ``reduce_to_pixels``.
+
+    - EXIF orientation is applied.
+    - 8-bit modes (``L``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``...) are converted by PIL.
+    - 16-bit modes (``I;16``, ``I;16B``...) are divided by 65535 (PIL itself would clip them at 255).
+    - ``I`` (32-bit integers) by its declared range: the TIFF sample range or bit depth, or 16 bits
+      for a PNG; refused when the file declares none.
+    - ``F`` (32-bit float) by the TIFF's declared sample range, else taken as [0, 1]; refused when its
+      values are not finite or fall outside [0, 1] with no declared range.
+    - Transparency (an alpha band, or a palette's transparent entry) is composited onto white.
+
+    ``name`` is the file or item named in errors (`ValueError`).
+    """
+    orientation = image.getexif().get(EXIF_ORIENTATION_TAG)
+    value_range = _value_range(image, name) if image.mode.startswith(("I", "F")) else None
+    if value_range is None:  # else one band of high-precision samples, reduced before it is rounded
+        image = _working_mode(image, name)
+    if reduce_to_pixels is not None and image.width * image.height > reduce_to_pixels:
+        # Bicubic after a box reduction to within 3x of the target: antialiased, and cheap on
+        # huge images.
+        size = _reduced_size(image.width, image.height, reduce_to_pixels)
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if value_range is not None:
+        low, high = value_range
+        scale = 255.0 / (high - low)
+        offset = 0.5 - low * scale  # + 0.5: converting F to L truncates
+        image = image.convert("F").point(lambda value: value * scale + offset).convert("L")  # and clips
+    if orientation in _ORIENTATIONS:
+        image = image.transpose(_ORIENTATIONS[orientation])
+    if image.mode in ("LA", "RGBA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")  # a new image, also when it was RGB already
+
+
+def _working_mode(image: Image.Image, name: str) -> Image.Image:
+    """An 8-bit image as ``L``, ``LA``, ``RGB`` or ``RGBA``: modes PIL resizes correctly (it resizes
+    palette and bilevel images by nearest neighbour) and that keep any transparency."""
+    if image.mode in ("L", "LA", "RGB", "RGBA"):
+        return image
+    if image.mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("PA", "RGBa"):
+        return image.convert("RGBA")
+    if image.mode in ("1", "La"):
+        return image.convert({"1": "L", "La": "LA"}[image.mode])
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ValueError(f"{name}: PIL cannot convert mode {image.mode!r} to RGB ({err})") from err
+
+
+def _reduced_size(width: int, height: int, pixels: int) -> tuple[int, int]:
+    """``(width, height)`` scaled to an area of about ``pixels``, aspect ratio kept, sides >= 1."""
+    scale = math.sqrt(pixels / (width * height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _value_range(image: Image.Image, name: str) -> tuple[float, float]:
+    """``(black, white)`` sample values of a high-precision (``I;16*``, ``I``, ``F``) image."""
+    if image.mode.startswith("I;16"):
+        return 0.0, 65535.0
+    tags = getattr(image, "tag_v2", None) or {}
+    low, high = (float(v) if v is not None else None for v in _declared_range(tags))
+    minimum, maximum = image.getextrema()
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():  # extrema skip NaN
+        raise ValueError(f"{name}: float image (mode F) holds NaN or infinite values")
+    if low is not None and high is not None and low < high:
+        return low, high
+    if image.mode == "I":
+        bits = _first(tags.get(258)) or (16 if image.format == "PNG" else None)  # TIFF BitsPerSample
+        if bits is not None and bits <= 16 and minimum >= 0:
+            return 0.0, float(2**bits - 1)
+        raise ValueError(
+            f"{name}: 32-bit integer image (mode I) with values in [{minimum:g}, {maximum:g}] and no declared "
+            "range: its brightness scale is unknown; convert it to an 8- or 16-bit image first"
+        )
+    if minimum >= 0.0 and maximum <= 1.0:
+        return 0.0, 1.0
+    raise ValueError(
+        f"{name}: float image (mode F) with values in [{minimum:g}, {maximum:g}], outside [0, 1], and no "
+        "declared range (TIFF SMinSampleValue/SMaxSampleValue): scale it to [0, 1] first"
+    )
+
+
+def _declared_range(tags) -> tuple:
+    """A TIFF's declared sample range: SMin/SMaxSampleValue (340, 341), else Min/MaxSampleValue
+    (280, 281); ``(None, None)`` when it declares none."""
+    for low_tag, high_tag in ((340, 341), (280, 281)):
+        if high_tag in tags:
+            return _first(tags.get(low_tag)) or 0, _first(tags[high_tag])
+    return None, None
+
+
+def _first(value):
+    """The first sample's value of a TIFF tag (stored per sample as a tuple, or as one number)."""
+    return value[0] if isinstance(value, tuple) and value else value
 
 
 def to_unit_pixels(
@@ -64,13 +217,16 @@ def to_unit_pixels(
     input_range: tuple[float, float] = (0.0, 1.0),
     device: torch.device | str | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    reduce_to_pixels: int | None = None,
 ) -> list[torch.Tensor] | torch.Tensor:
     """Convert any supported image input to float32 (float64 if given) RGB pixels in [0, 1] on ``device``.
 
     Accepted: a float tensor ``[B, 3, H, W]`` or ``[3, H, W]`` in ``input_range``; a uint8 tensor
     (0..255); 1-channel (grey) or 4-channel (RGBA, composited onto white) tensors; a PIL image; a
     path; a numpy array ``[H, W]``, ``[H, W, C]`` or ``[B, H, W, C]`` (uint8, or float in
-    ``input_range``); or a list mixing these (each item one image).
+    ``input_range``); or a list mixing these (each item one image). Paths and PIL images are read
+    as `open_image` reads them (EXIF orientation applied, every mode by its real range, reduced to
+    about ``reduce_to_pixels`` if given); tensors and arrays are taken as they are.
 
     Returns a tensor ``[B, 3, H, W]`` when the input was one batched tensor/array (kept batched so
     later steps stay vectorised), else a list of ``[3, H, W]`` tensors. Float input keeps its
@@ -93,10 +249,10 @@ def to_unit_pixels(
     for index, item in enumerate(images):
         name = f"images[{index}]"
         if isinstance(item, (str, os.PathLike)):
-            tensor = load_image(item, max_image_pixels)
+            tensor = load_image(item, max_image_pixels, reduce_to_pixels=reduce_to_pixels)
             name = f"{name} ({item})"
         elif isinstance(item, Image.Image):
-            tensor = pil_to_tensor(item)
+            tensor = rgb_to_tensor(to_rgb_image(item, reduce_to_pixels=reduce_to_pixels, name=name))
         elif isinstance(item, (torch.Tensor, np.ndarray)):
             tensor = _as_tensor(item, name, batched=False)
         else:

@@ -116,9 +116,9 @@ def report_output_problem(output: Path, score_file: Path | None = None) -> str |
 def open_rgb(path: Path) -> Image.Image:
     """The image at ``path`` as 8-bit RGB, read as the scorer reads it. Raises `ValueError`
     naming the file when it is missing, unreadable or too large."""
-    from .preprocessing import load_image
+    from .preprocessing import DEFAULT_MAX_IMAGE_PIXELS, open_image
 
-    return Image.fromarray(load_image(path).permute(1, 2, 0).numpy())
+    return open_image(path, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, reduce_to_pixels=(2 * THUMBNAIL_SIDE) ** 2)
 
 
 def make_thumbnail(path: Path) -> tuple[bytes, int, int]:

@@ -30,8 +30,10 @@ class QScorer(nn.Module):
         scores = scorer(images)                       # [B] float32, higher is better
 
     ``images``: a float tensor ``[B, 3, H, W]`` or ``[3, H, W]`` in [0, 1] (or ``input_range``), a
-    uint8 tensor, PIL image(s), path(s), numpy HWC arrays, or a list mixing them. Scores lie in
-    `score_range` (MOS scale, 1..5). With grad enabled and a float tensor input, the
+    uint8 tensor, PIL image(s), path(s), numpy HWC arrays, or a list mixing them. Paths and PIL
+    images are read upright (EXIF orientation), by their mode's real range and reduced to
+    ``backbone.decode_pixel_budget`` right after decoding (see `preprocessing.open_image`).
+    Scores lie in `score_range` (MOS scale, 1..5). With grad enabled and a float tensor input, the
     scores are differentiable with respect to the pixels; without anything to differentiate (frozen
     weights and no input requiring grad) the call runs without building a graph.
 

@@ -1,10 +1,43 @@
 import functools
+import random
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from qscorer_reward.testing import FAMILIES, tiny_scorer
+
+# ---------------------------------------------------------------- determinism, whatever the order
+# Every test body and every fixture starts from the same seeds of torch, numpy and `random`, so no
+# outcome depends on which tests ran before (the suite runs in random order: pytest-randomly).
+# Hypothesis draws its examples from each test's own seed and keeps no example database.
+TEST_SEED = 0
+settings.register_profile("deterministic", derandomize=True, database=None, deadline=None)
+settings.load_profile("deterministic")
+
+
+def seed_everything(seed: int = TEST_SEED) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("randomly"):  # it shuffles the order; the seeds are ours
+        config.option.randomly_reset_seed = False
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    seed_everything()  # a module-scoped fixture is the same whichever test sets it up
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    seed_everything()
+    return (yield)
 
 
 @functools.cache

@@ -74,7 +74,8 @@ def runs(tmp_path_factory):
     commands = {
         "bench_core": ["--quick", "--threads", "1", "--json", str(out / "core.json")],
         "bench_throughput": ["--quick", "--threads", "1", "--json", str(out / "throughput.json")],
-        "bench_gpu": ["--tiny", "--out", str(out / "gpu.json")],
+        # A time budget it cannot run out of on a busy machine: every step must run.
+        "bench_gpu": ["--tiny", "--out", str(out / "gpu.json"), "--time-budget-s", "3600", "--config-budget-s", "3600"],
         "bench_default_model": ["--batch", "2", "--repeats", "1", "--json", str(out / "default.json")],
     }
     json_paths = {

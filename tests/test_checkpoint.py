@@ -1,6 +1,9 @@
 """Checkpoint round trips in both forms, and precise errors for broken checkpoint directories."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,9 +11,11 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 
 from qscorer_reward import QScorer
+from qscorer_reward.preprocessing import to_unit_pixels
 from qscorer_reward.testing import tiny_base_model, tiny_scorer
 
-IMAGES = [torch.rand(3, 56, 70, generator=torch.Generator().manual_seed(0)), torch.rand(3, 90, 50)]
+_generator = torch.Generator().manual_seed(0)
+IMAGES = [torch.rand(3, 56, 70, generator=_generator), torch.rand(3, 90, 50, generator=_generator)]
 
 
 @pytest.mark.parametrize("num_score_tokens", [1, 5])
@@ -43,14 +48,24 @@ def _trained_scorer(base_model_dir):
         model.get_output_embeddings().weight[ids] += torch.randn(5, 64, generator=generator)
         for param in scorer.head.parameters():
             param += 0.1 * torch.randn(param.shape, generator=generator)
+        scorer.head.mlp[-1].weight *= 0.2  # scores inside the range, where differences show
     return scorer.eval()
+
+
+def _raw_scores(scorer, images) -> torch.Tensor:
+    """The head's unbounded output: two models cannot agree on it by both saturating."""
+    inputs = scorer.backbone.prepare(to_unit_pixels(images))
+    hidden = scorer.backbone(inputs)
+    return scorer.head.raw_score(hidden[torch.arange(len(images)), inputs.score_positions])
 
 
 def test_trained_parts_round_trip(base_model_dir, tmp_path):
     scorer = _trained_scorer(base_model_dir)
     expected = scorer(IMAGES)
+    assert ((expected > 1.2) & (expected < 4.8)).all(), expected  # a round trip shows in these scores
     untouched = QScorer.from_base_model(base_model_dir, num_score_tokens=5, max_pixels=112 * 112)
-    assert not torch.allclose(untouched(IMAGES), expected, atol=1e-3)  # the parts matter
+    with torch.no_grad():
+        assert not torch.allclose(_raw_scores(untouched, IMAGES), _raw_scores(scorer, IMAGES), atol=1e-3)
 
     scorer.save_pretrained(tmp_path / "parts", weights_format="trained_parts")
     files = {p.name for p in (tmp_path / "parts").iterdir()}
@@ -250,3 +265,43 @@ def test_adapter_file_is_in_peft_format(base_model_dir, tmp_path):
     ours = {n: p for n, p in scorer.backbone.model.named_parameters() if "lora_" in n}
     theirs = {n.removeprefix("base_model.model."): p for n, p in peft_model.named_parameters() if "lora_" in n}
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def _with_base_model(base_model_dir, tmp_path, base_model: str):
+    directory = tmp_path / "parts"
+    QScorer.from_base_model(base_model_dir).save_pretrained(directory, weights_format="trained_parts")
+    config = json.loads((directory / "qscorer_config.json").read_text())
+    config["base_model"] = base_model
+    (directory / "qscorer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_base_model_path_that_does_not_exist_is_named_as_a_path(base_model_dir, tmp_path):
+    missing = str(tmp_path / "moved" / "base")
+    directory = _with_base_model(base_model_dir, tmp_path, missing)
+    with pytest.raises(FileNotFoundError, match=f"its base_model {missing} does not exist") as raised:
+        QScorer.from_pretrained(directory)
+    assert "Repo id" not in str(raised.value)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_base_model_the_hub_cannot_give_fails_at_once(base_model_dir, tmp_path, offline):
+    """``runs/x`` (a typo of a local folder, shaped like a hub id): with downloads off, or the hub
+    unreachable (here: an endpoint nothing listens on), the error comes at once and names it."""
+    directory = _with_base_model(base_model_dir, tmp_path, "runs/x")
+    code = (
+        "import sys\nfrom qscorer_reward import QScorer\n"
+        "try:\n    QScorer.from_pretrained(sys.argv[1])\nexcept FileNotFoundError as err:\n    print(err)\n"
+    )
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-c", code, str(directory)], env=env, capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    message = result.stdout
+    assert f"base_model 'runs/x': there is no such local folder ({tmp_path / 'runs' / 'x'})" in message
+    reason = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the hub (http://127.0.0.1:9) cannot be reached"
+    assert reason in message

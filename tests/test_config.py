@@ -57,3 +57,12 @@ def test_bad_files_name_the_problem(tmp_path):
     path.write_text(json.dumps({"num_score_tokens": 1}))
     with pytest.raises(ValueError, match="backbone_family"):
         QScorerConfig.from_json_file(path)
+
+
+@pytest.mark.parametrize("max_pixels", [10**12, 0, -5, 1e12, 2.5, float("nan"), float("inf"), True, "448"])
+def test_the_pixel_budget_is_bounded(max_pixels):
+    """1e12 in a checkpoint's config tried to allocate 12 TB on the first call."""
+    with pytest.raises(ValueError, match=r"max_pixels must be a whole number of pixels in \[1, 67108864\]"):
+        QScorerConfig(backbone_family="qwen2_vl", max_pixels=max_pixels)
+    config = QScorerConfig(backbone_family="qwen2_vl", max_pixels=200704.0)  # a whole number, as JSON may give it
+    assert config.max_pixels == 200704 and isinstance(config.max_pixels, int)

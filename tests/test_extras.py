@@ -65,7 +65,8 @@ def test_train_and_eval_without_the_train_extra_say_so_in_one_line(without, caps
     without("scipy", reimport=("qscorer_reward.training.trainer", "qscorer_reward.training.evaluation"))
     assert main(command) == 2
     error = capsys.readouterr().err
-    assert error == 'error: qscorer_reward.training needs scipy: pip install "qscorer-reward[train]"\n'
+    extra = 'qscorer_reward.training needs scipy: pip install "qscorer-reward[train]"'
+    assert error == f"error: {extra} (--debug shows the traceback)\n"
 
 
 # Import name -> distribution, where they differ.

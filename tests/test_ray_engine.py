@@ -95,7 +95,9 @@ def test_ray_engine_gives_the_default_engines_rows(folder, model_dir, tmp_path, 
 
     # To stdout as a table, in input order, like the default engine.
     status, out, _ = _run([*base, "--engine", "ray"], capsys)
-    assert [line.split()[-1] if "(" not in line else line.split("  ")[1] for line in out.splitlines()] == [
+    header, *lines = out.splitlines()
+    assert header.split() == ["score", "path"]
+    assert [line.split()[-1] if "(" not in line else line.split("  ")[1] for line in lines] == [
         row["path"] for row in expected
     ]
 

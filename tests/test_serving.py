@@ -397,10 +397,10 @@ def test_qscorer_serve_reports_a_model_that_cannot_load_in_one_line(service, tmp
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["serve", "--replicas", "0"], "--replicas, --max-batch-size and --max-images-per-request must be >= 1"),
+        (["serve", "--replicas", "0"], "argument --replicas: must be >= 1, got '0'"),
         (["serve", "--detach"], "--detach needs --address"),
         (["score", "x", "--actors", "2"], "--address and --actors go with --engine ray"),
-        (["score", "x", "--engine", "ray", "--actors", "0"], "--actors must be >= 1"),
+        (["score", "x", "--engine", "ray", "--actors", "0"], "argument --actors: must be >= 1, got '0'"),
         (["score", "x", "--engine", "ray", "--device", "cuda"], "--device goes with the default engine"),
     ],
 )

@@ -13,7 +13,8 @@ from qscorer_reward.training.losses import score_token_ce_loss
 from qscorer_reward.training.model import QScorerForTraining, TrainableParts, answer_token_count
 
 ANSWER = "The quality of the image is"
-IMAGES = [torch.rand(3, 56, 70, generator=torch.Generator().manual_seed(0)), torch.rand(3, 84, 56)]
+_generator = torch.Generator().manual_seed(0)
+IMAGES = [torch.rand(3, 56, 70, generator=_generator), torch.rand(3, 84, 56, generator=_generator)]
 
 
 @pytest.fixture(scope="module")

@@ -76,8 +76,9 @@ class Backbone(nn.Module, ABC):
         max_image_pixels: int,
     ) -> torch.Tensor | list[torch.Tensor]:
         """What users pass as images -> what `prepare` takes: float RGB pixels in [0, 1] on
-        ``device`` (see `qscorer_reward.preprocessing.to_unit_pixels`)."""
-        return to_unit_pixels(images, input_range, device, max_image_pixels)
+        ``device`` (see `qscorer_reward.preprocessing.to_unit_pixels`), files and PIL images reduced
+        to `decode_pixel_budget` right after decoding."""
+        return to_unit_pixels(images, input_range, device, max_image_pixels, self.decode_pixel_budget)
 
     @property
     def hidden_size(self) -> int:
@@ -87,6 +88,14 @@ class Backbone(nn.Module, ABC):
     def min_image_side(self) -> int:
         """Smallest image side (pixels) accepted; smaller images are refused, not upsampled."""
         return self.config.patch_size
+
+    @property
+    def decode_pixel_budget(self) -> int | None:
+        """Images read from files or given as PIL images are reduced to about this many pixels
+        right after decoding (`qscorer_reward.preprocessing.open_image`), which bounds the memory
+        of each image: 4x the config's ``max_pixels``, so that `prepare`'s own antialiased resize
+        still makes the last step down to the budget (at least 2x per side)."""
+        return 4 * self.config.max_pixels
 
     @abstractmethod
     def prepare(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> BackboneInputs:

@@ -428,6 +428,14 @@ class MplugOwl2Backbone(Backbone):
     def min_image_side(self) -> int:
         return 1  # any image is padded to a square and resized
 
+    @property
+    def decode_pixel_budget(self) -> None:
+        """``None``: files and PIL images are decoded whole, never reduced first, so that their
+        pixels are exactly the reference's (its PIL resize reads the whole padded image). Memory
+        per image is then bounded by ``max_image_pixels`` only; each image is brought down to the
+        model's square on its own before the batch is stacked."""
+        return None
+
     def to_pixels(
         self,
         images: ImageInput,
@@ -437,7 +445,7 @@ class MplugOwl2Backbone(Backbone):
     ) -> torch.Tensor | list[torch.Tensor]:
         """As `Backbone.to_pixels`, except that 8-bit images stay uint8 ``[3, H, W]`` on the CPU,
         for the reference's PIL path."""
-        pixels = to_unit_pixels(images, input_range, None, max_image_pixels)  # validates ``images``
+        pixels = to_unit_pixels(images, input_range, None, max_image_pixels, self.decode_pixel_budget)  # validates
         eight_bit = _eight_bit_flags(images)
         if isinstance(pixels, torch.Tensor):  # one batched tensor or array
             return _to_uint8(pixels) if eight_bit[0] else pixels.to(device)

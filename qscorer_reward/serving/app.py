@@ -146,9 +146,9 @@ class QScorerService:
         }
 
     def _decode(self, files: list[bytes]) -> list[torch.Tensor]:
-        pixels = self.settings.limits.max_image_pixels
+        pixels, budget = self.settings.limits.max_image_pixels, self.scorer.backbone.decode_pixel_budget
         try:
-            return [decode_image(data, pixels, f"images[{index}]") for index, data in enumerate(files)]
+            return [decode_image(data, pixels, f"images[{index}]", budget) for index, data in enumerate(files)]
         except ImageRejected as err:
             raise RequestError(str(err), err.kind) from err
 

@@ -12,7 +12,7 @@ import io
 import torch
 from PIL import Image
 
-from qscorer_reward.preprocessing import pil_to_tensor
+from qscorer_reward.preprocessing import decode_opened_image, rgb_to_tensor
 
 # The encoded formats the service accepts (Pillow's names): lossless PNG for exact pixels, and the
 # two lossy formats generated images are usually stored in.
@@ -28,9 +28,13 @@ class ImageRejected(ValueError):
         self.kind = kind
 
 
-def decode_image(data: bytes, max_image_pixels: int, name: str = "image") -> torch.Tensor:
-    """An encoded PNG, JPEG or WebP file -> uint8 ``[3, H, W]`` (grey, palette and RGBA converted
-    as `QScorer` converts them; animated files give their first frame).
+def decode_image(
+    data: bytes, max_image_pixels: int, name: str = "image", reduce_to_pixels: int | None = None
+) -> torch.Tensor:
+    """An encoded PNG, JPEG or WebP file -> uint8 ``[3, H, W]``, decoded as `QScorer` decodes files
+    (`qscorer_reward.preprocessing.decode_opened_image`: EXIF orientation applied, every mode
+    converted by its range, reduced right after decoding to about ``reduce_to_pixels`` (the
+    scorer's ``backbone.decode_pixel_budget``) when given; animated files give their first frame).
 
     Raises `ImageRejected` naming ``name``: ``"decompression_bomb"`` when the header declares more
     than ``max_image_pixels`` pixels (nothing is decoded then), ``"not_an_image"`` for anything
@@ -45,8 +49,11 @@ def decode_image(data: bytes, max_image_pixels: int, name: str = "image") -> tor
                     f"{max_image_pixels} (a possible decompression bomb)",
                     "decompression_bomb",
                 )
-            image.load()
-            return pil_to_tensor(image)
+            return rgb_to_tensor(
+                decode_opened_image(
+                    image, max_image_pixels=max_image_pixels, reduce_to_pixels=reduce_to_pixels, name=name
+                )
+            )
     except ImageRejected:
         raise
     except Image.DecompressionBombError as err:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS

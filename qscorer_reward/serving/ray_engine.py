@@ -1,6 +1,6 @@
 """``qscorer score --engine ray``: offline scoring on Ray Data, across the machines of a Ray cluster.
 
-The files to score (local files and folders, as `qscorer_reward.scoring_job.find_images` lists
+The files to score (local files and folders, as `qscorer_reward.scoring_job.search_images` finds
 them, and URIs that pyarrow's file systems read: ``s3://``, ``gs://``, ``hdfs://``, ``file://``...)
 become a dataset of paths; ``map_batches`` sends batches of them to a pool of scorer actors (one
 per GPU of the cluster, else ``actors`` CPU actors), and the rows stream back to this process.
@@ -28,11 +28,12 @@ from qscorer_reward.scoring_job import (
     ScoreRow,
     ScoreSummary,
     existing_output_files,
-    find_images,
     merge_rows,
     open_for_append,
+    open_row_file,
     previous_rows,
     score_files,
+    search_images,
     write_atomically,
     write_rows,
 )
@@ -42,16 +43,20 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def find_inputs(paths: Iterable[str]) -> list[str]:
-    """The files to score, in order, each once: local files and folders as `find_images` lists
-    them; a URI of a file as is, of a folder its image files, recursively and sorted."""
+def find_inputs(paths: Iterable[str]) -> tuple[list[str], list[ScoreRow]]:
+    """The files to score, in order, each once, and the rows of what the search skipped: local
+    files and folders as `qscorer_reward.scoring_job.search_images` finds them; a URI of a file as
+    is, of a folder its image files, recursively and sorted."""
     found: dict[str, None] = {}
+    skipped: list[ScoreRow] = []
     for path in paths:
         if is_uri(path):
             found.update(dict.fromkeys(_list_uri(path)))
         else:
-            found.update(dict.fromkeys(str(file) for file in find_images([path])))
-    return list(found)
+            search = search_images([path])
+            found.update(dict.fromkeys(str(file) for file in search.paths))
+            skipped.extend(search.skipped)
+    return list(found), skipped
 
 
 def _list_uri(uri: str) -> list[str]:
@@ -107,7 +112,12 @@ class ScoringActor:
                 filesystem, path = fs.FileSystem.from_uri(uri)
                 with filesystem.open_input_file(path) as stream:
                     data = stream.readall()
-                loaded.append((uri, decode_image(data, self.scorer.max_image_pixels, uri)))
+                loaded.append(
+                    (
+                        uri,
+                        decode_image(data, self.scorer.max_image_pixels, uri, self.scorer.backbone.decode_pixel_budget),
+                    )
+                )
             except (OSError, ValueError) as err:  # unreachable, missing, not an image
                 yield ScoreRow(uri, None, str(err) if str(err).startswith(uri) else f"{uri}: {err}")
         for start in range(0, len(loaded), self.batch_size):
@@ -131,9 +141,10 @@ def run_ray_job(
     actors: int | None = None,
     address: str | None = None,
     progress: bool = True,
+    skipped: Iterable[ScoreRow] = (),
 ) -> ScoreSummary:
     """Score ``files`` (as `find_inputs` lists them) on Ray Data and write their rows to ``output``
-    (stdout when ``None``) in ``output_format``.
+    (stdout when ``None``) in ``output_format``, the ``skipped`` rows of the search at the end.
 
     A CSV or JSONL ``output`` gets each row as it comes, then is rewritten whole in input order;
     ``resume`` keeps its scored rows (else it is replaced). A table, or stdout, gets the rows in
@@ -143,6 +154,7 @@ def run_ray_job(
     require_extra("serve", __name__)
     import ray
 
+    skipped = list(skipped)
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, log_to_driver=False)
@@ -159,10 +171,12 @@ def run_ray_job(
         if resumable:
             with open_for_append(output, fresh=not resume) as stream:
                 summary = write_rows(rows, output_format, stream, header=stream.tell() == 0)
-            write_atomically(output, merge_rows(previous_rows(output, output_format), files), output_format)
+            merged = merge_rows([*previous_rows(output, output_format), *skipped], files)
+            write_atomically(output, merged, output_format)
+            summary.skipped = len(skipped)
         else:
-            collected = list(rows)
-            with open(output, "w") if output else contextlib.nullcontext(sys.stdout) as stream:
+            collected = [*rows, *skipped]
+            with open_row_file(output, "w") if output else contextlib.nullcontext(sys.stdout) as stream:
                 summary = write_rows(merge_rows(collected, files), output_format, stream)
         summary.kept = len(files) - len(remaining)
         return summary
