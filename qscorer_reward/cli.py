@@ -17,8 +17,8 @@
 A subcommand is a function that adds its parser (with `add_command`) and points ``run`` at the
 function that runs it, plus one line in `COMMANDS`. Options are checked before anything heavy is
 imported: torch, transformers and accelerate load only once a command runs, so ``--help`` and
-argument errors answer at once. A user error (`CommandError`, or an `OSError` / `ValueError` such
-as a missing folder or an unreadable checkpoint) is one line on stderr and exit status 2;
+argument errors answer at once. A user error (`CommandError`, a missing extra, or an `OSError` /
+`ValueError` such as a missing folder or an unreadable checkpoint) is one line on stderr and exit status 2;
 ``--debug`` shows its traceback instead.
 """
 
@@ -390,11 +390,7 @@ def _check_writable(folder: Path) -> None:
 
 def _train_command(args: argparse.Namespace) -> int:
     from .training.config import TrainingConfig
-
-    try:
-        from .training.trainer import ScoreTokenTrainer
-    except MissingExtraError as err:
-        raise CommandError(str(err)) from err
+    from .training.trainer import ScoreTokenTrainer
 
     config = TrainingConfig.from_file(args.config)
     overrides = {"output_dir": args.output_dir, "max_steps": args.max_steps}
@@ -409,12 +405,8 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def _eval_command(args: argparse.Namespace) -> int:
     from .training.config import DatasetConfig
-
-    try:
-        from .training.evaluation import dataset_metrics, format_table, predict, write_report
-        from .training.sources import load_records
-    except MissingExtraError as err:
-        raise CommandError(str(err)) from err
+    from .training.evaluation import dataset_metrics, format_table, predict, write_report
+    from .training.sources import load_records
 
     if args.manifest:
         spec = DatasetConfig(
@@ -735,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--detach needs --address: a local Ray instance ends with the command")
     try:
         return args.run(args)
-    except (CommandError, OSError, ValueError) as err:
+    except (CommandError, MissingExtraError, OSError, ValueError) as err:
         if args.debug:
             raise
         print(f"error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)

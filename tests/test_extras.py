@@ -54,6 +54,15 @@ def test_the_diffusers_integration_without_diffusers_names_its_extra(without):
         importlib.import_module("qscorer_reward.testing.pipelines")
 
 
+@pytest.mark.parametrize("command", [["serve"], ["score", "photos", "--engine", "ray"]])
+def test_the_service_and_the_ray_engine_without_ray_say_so_in_one_line(without, capsys, command):
+    without("ray", reimport=("qscorer_reward.serving.app", "qscorer_reward.serving.ray_engine"))
+    assert main(command) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: qscorer_reward.serving.") and 'pip install "qscorer-reward[serve]"' in error
+    assert error.count("\n") == 1
+
+
 def test_the_reward_service_without_ray_names_its_extra(without):
     without("ray", reimport=("qscorer_reward.serving.app",))
     with pytest.raises(MissingExtraError, match=r'serving.app needs .*: pip install "qscorer-reward\[serve\]"$'):
