@@ -243,9 +243,12 @@ def _score_command(args: argparse.Namespace) -> int:
 
 
 def _local_ray_environment(address: str | None) -> None:
-    """Before Ray is imported: a local instance (no ``address``) on loopback, without usage report."""
+    """Before Ray is imported: a local instance (no ``address``) on loopback, without usage report;
+    Ray Data logs errors only: not its progress, nor its notes on how it stores the paths (the
+    user's own ``RAY_DATA_LOG_LEVEL`` wins)."""
     from .serving import LOCAL_RAY_ENVIRONMENT
 
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     if address is None:
         for name, value in LOCAL_RAY_ENVIRONMENT.items():
             os.environ.setdefault(name, value)

@@ -15,6 +15,7 @@ file is rewritten whole in input order by the scoring job's own `merge_rows` and
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 from collections.abc import Iterable, Iterator
@@ -157,7 +158,7 @@ def run_ray_job(
     skipped = list(skipped)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)  # not Ray's INFO lines
     try:
         resumable = output is not None and output_format != "table"
         kept = {}
@@ -202,7 +203,7 @@ def _score_on_ray(
         ScoringActor,
         fn_constructor_kwargs={"model": model, "dtype": dtype, "batch_size": batch_size},
         batch_size=batch_size,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         **resources,
     )
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
