@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from qscorer_reward.checkpoint import (
     HEAD_FILE,
     SCORE_TOKENS_FILE,
     has_lora,
+    lasting_base,
 )
 from qscorer_reward.config import CONFIG_NAME
 from qscorer_reward.preprocessing import to_unit_pixels
@@ -109,8 +111,19 @@ class QScorerRewardConfig(RewardConfig):
     fidelity_score_std: float = field(
         default=1.0, metadata={"help": "Standard deviation (score points) of perceived quality in the Thurstone model."}
     )
+    # TRL's default (checkpointing on) is set under transformers' deprecated name, which warns on
+    # every config; the same default is given here under the current name, unless either is passed.
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (default: on, as in TRL)."},
+    )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         super().__post_init__()
         if self.bradley_terry_scale <= 0:
             raise ValueError(f"bradley_terry_scale must be > 0, got {self.bradley_terry_scale}")
@@ -247,6 +260,8 @@ class QScorerRewardTrainer(RewardTrainer):
         elif not isinstance(model, QScorer):
             raise TypeError(f"model must be a QScorer or a checkpoint path, got {type(model).__name__}")
         self.weights_format = prepare_for_training(model, peft_config)
+        if self.weights_format == "trained_parts":  # a base the checkpoints cannot name: refused now, not at a save
+            lasting_base(model.trained_parts_base, args.output_dir)
         if args.disable_dropout:
             disable_dropout_in_model(model)
         if args.activation_checkpointing:
@@ -361,13 +376,17 @@ def prepare_for_training(scorer: QScorer, peft_config=None) -> str:
                 "score-token rows and the head (always trained); list other layers in target_modules"
             )
         if has_lora(backbone):
-            raise ValueError(
-                "the scorer already carries a LoRA adapter: pass peft_config=None to go on training it, or merge it "
-                "first (QScorer.from_pretrained(..., merge_lora=True)) and save the merged scorer whole"
-            )
-        inject_adapter_in_model(peft_config, backbone)
+            _warn_if_adapter_differs(backbone, peft_config)  # the scorer's own adapter trains on
+        else:
+            inject_adapter_in_model(peft_config, backbone)
     if has_lora(backbone):
-        if not scorer.config.base_model:
+        if scorer.adapter_merged:
+            raise ValueError(
+                "this scorer's LoRA adapter was merged into its weights when it was loaded, so a LoRA checkpoint on "
+                "top of its base model cannot hold it: load it with QScorer.from_pretrained(..., merge_lora=False) "
+                "to go on training its adapter, or train it without peft_config (whole weights)"
+            )
+        if not scorer.trained_parts_base:
             raise ValueError(
                 "LoRA training saves checkpoints as weights_format='trained_parts', on top of config.base_model, "
                 "but this scorer has none: build it with QScorer.from_base_model(path_or_hub_id) or set "
@@ -381,6 +400,28 @@ def prepare_for_training(scorer: QScorer, peft_config=None) -> str:
         weights_format = "full"
     scorer.head.requires_grad_(True)
     return weights_format
+
+
+def _warn_if_adapter_differs(backbone: nn.Module, peft_config) -> None:
+    """Warn when ``peft_config`` asks for another adapter than the one ``backbone`` carries, which
+    is trained instead (a checkpoint holds one adapter)."""
+    (existing,) = backbone.peft_config.values()
+    fields = ("r", "lora_alpha", "target_modules")
+    if all(_comparable(getattr(existing, name)) == _comparable(getattr(peft_config, name)) for name in fields):
+        return
+    warnings.warn(
+        "the scorer already carries a LoRA adapter ("
+        + ", ".join(f"{name}={_comparable(getattr(existing, name))}" for name in fields)
+        + "), which is trained on; peft_config ("
+        + ", ".join(f"{name}={_comparable(getattr(peft_config, name))}" for name in fields)
+        + ") is not applied. For a new adapter, start from a checkpoint without one",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _comparable(value):
+    return sorted(value) if isinstance(value, (list, set, tuple)) else value
 
 
 def save_into(scorer: QScorer, directory: Path, weights_format: str) -> None:
