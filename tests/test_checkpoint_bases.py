@@ -74,6 +74,19 @@ def test_a_checkpoint_that_would_outlive_its_temporary_base_is_refused(base_mode
         )  # fmt: skip
 
 
+def test_score_token_training_on_a_temporary_base_is_refused_before_it_starts(base_model_dir, system_temp, tmp_path):
+    from qscorer_reward.training import DatasetConfig, ScoreTokenTrainer, TrainingConfig
+
+    base = system_temp / "base"
+    base_model_dir.rename(base)
+    config = TrainingConfig(
+        base_model=str(base), output_dir=str(tmp_path / "run"), train_datasets=[DatasetConfig("d", "none.csv")]
+    )
+    with pytest.raises(ValueError, match="is in the temporary folder"):
+        ScoreTokenTrainer(config).train()
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_local_base_is_named_by_its_absolute_path(base_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(base_model_dir.parent)
     scorer = QScorer.from_base_model(base_model_dir.name, max_pixels=56 * 56)
