@@ -6,11 +6,9 @@ import warnings
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig
-from PIL import Image
 from safetensors.torch import load_file
-from tiny_checkpoints import SIDE, trained_final, whole_weights
+from tiny_checkpoints import pairs, pixels, trained_final, whole_weights
 
 from qscorer_reward import QScorer
 from qscorer_reward.training.pairwise import QScorerRewardConfig, QScorerRewardTrainer
@@ -20,15 +18,6 @@ from qscorer_reward.training.pairwise import QScorerRewardConfig, QScorerRewardT
 def final(tmp_path_factory):
     """A `qscorer train` final/ checkpoint: LoRA adapter, merger trained whole, rows, head."""
     return trained_final(tmp_path_factory.mktemp("train"))
-
-
-def pixels(count, seed):
-    return torch.rand(count, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
-
-
-def pairs(count=8):
-    images = [Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()) for image in pixels(2 * count, seed=3)]
-    return Dataset.from_dict({"chosen": images[:count], "rejected": images[count:]})
 
 
 def pairwise_args(output_dir):
@@ -157,6 +146,16 @@ def test_the_documented_pairwise_setup_trains_on_both_checkpoint_forms(form, fin
         (final.parent.parent / "base" if form == "trained_parts" else checkpoint).resolve()
     )
     torch.testing.assert_close(scores(loaded, pixels(3, 4)), scores(trainer.model, pixels(3, 4)), atol=1e-5, rtol=0)
+
+
+def test_a_peft_config_that_describes_the_checkpoints_adapter_continues_it_silently(final, tmp_path):
+    scorer = QScorer.from_pretrained(final, merge_lora=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the adapter `qscorer train` wrote: r=4, alpha 8, q_proj / v_proj
+        QScorerRewardTrainer(
+            model=scorer, args=pairwise_args(tmp_path / "run"), train_dataset=pairs(),
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        )  # fmt: skip
 
 
 def test_a_scorer_whose_adapter_was_merged_is_refused_before_training(final, tmp_path):

@@ -94,9 +94,10 @@ class QScorerRewardConfig(RewardConfig):
             the Thurstone model (Case V: equal for both images).
 
     From `RewardConfig`: ``model_init_kwargs`` go to `QScorer.from_pretrained` when the trainer is
-    given a checkpoint path; ``gradient_checkpointing`` is applied by the trainer with
+    given a checkpoint path; ``activation_checkpointing`` (default on) is applied by the trainer with
     `QScorer.gradient_checkpointing_enable`, which then clears the flag in the config (transformers'
-    ``Trainer`` would call the model's method with arguments it does not take);
+    ``Trainer`` would call the model's method with arguments it does not take); ``bf16`` defaults to
+    on only on a CUDA GPU that supports it (TRL's default, on everywhere, fails on a CPU);
     ``center_rewards_coefficient`` is refused (scores are on the MOS scale, not centred on 0); the
     text-only fields (``max_length``, ``eos_token``, ``chat_template_path``, ``pad_token``,
     ``dataset_num_proc``) do not apply to image pairs and are ignored.
@@ -121,9 +122,16 @@ class QScorerRewardConfig(RewardConfig):
         metadata={"help": "Recompute activations in the backward pass to save memory (default: on, as in TRL)."},
     )
 
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bfloat16 mixed precision (default: on a CUDA GPU that supports it, else off)."},
+    )
+
     def __post_init__(self):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
+        if self.bf16 is None:  # TRL turns it on everywhere, which a CPU-only machine refuses
+            self.bf16 = not (self.fp16 or self.use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
         if self.bradley_terry_scale <= 0:
             raise ValueError(f"bradley_terry_scale must be > 0, got {self.bradley_terry_scale}")
@@ -403,25 +411,29 @@ def prepare_for_training(scorer: QScorer, peft_config=None) -> str:
 
 
 def _warn_if_adapter_differs(backbone: nn.Module, peft_config) -> None:
-    """Warn when ``peft_config`` asks for another adapter than the one ``backbone`` carries, which
-    is trained instead (a checkpoint holds one adapter)."""
+    """Warn when ``peft_config`` asks for another adapter than the one ``backbone`` carries (another
+    rank or scale, or other modules), which is trained instead: a checkpoint holds one adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+
     (existing,) = backbone.peft_config.values()
-    fields = ("r", "lora_alpha", "target_modules")
-    if all(_comparable(getattr(existing, name)) == _comparable(getattr(peft_config, name)) for name in fields):
+    modules = dict(backbone.named_modules())
+    wrapped = {name for name, module in modules.items() if isinstance(module, BaseTunerLayer)}
+    inside = tuple(f"{name}." for name in wrapped)  # the adapter's own layers
+    asked = {name for name in modules if not name.startswith(inside) and check_target_module_exists(peft_config, name)}
+    if (existing.r, existing.lora_alpha, wrapped) == (peft_config.r, peft_config.lora_alpha, asked):
         return
+
+    def describe(config, names):
+        kinds = ", ".join(sorted({name.rpartition(".")[2] for name in names}))
+        return f"r={config.r}, lora_alpha={config.lora_alpha}, on {len(names)} modules ({kinds})"
+
     warnings.warn(
-        "the scorer already carries a LoRA adapter ("
-        + ", ".join(f"{name}={_comparable(getattr(existing, name))}" for name in fields)
-        + "), which is trained on; peft_config ("
-        + ", ".join(f"{name}={_comparable(getattr(peft_config, name))}" for name in fields)
-        + ") is not applied. For a new adapter, start from a checkpoint without one",
+        f"the scorer already carries a LoRA adapter ({describe(existing, wrapped)}), which is trained on; "
+        f"peft_config ({describe(peft_config, asked)}) is not applied: a checkpoint holds one adapter. "
+        "For a new adapter, start from a checkpoint without one",
         UserWarning,
         stacklevel=4,
     )
-
-
-def _comparable(value):
-    return sorted(value) if isinstance(value, (list, set, tuple)) else value
 
 
 def save_into(scorer: QScorer, directory: Path, weights_format: str) -> None:
