@@ -213,14 +213,17 @@ class QScorerRewardTrainer(RewardTrainer):
         trainer.train()
         trainer.save_model()                # a Q-Scorer checkpoint: QScorer.from_pretrained("qscorer-prefs")
 
-    What is trained: with ``peft_config`` (a ``peft.LoraConfig``), its LoRA adapter on the
-    backbone and the score head; given a scorer that already carries a LoRA adapter (loaded with
-    ``merge_lora=False``), that adapter and the head; otherwise every weight of the scorer.
+    What is trained: given a scorer that already carries a LoRA adapter (a trained-parts checkpoint
+    loaded with ``merge_lora=False``), that adapter and the score head, with or without
+    ``peft_config`` (a checkpoint holds one adapter; a warning says so when ``peft_config`` differs);
+    else with ``peft_config`` (a ``peft.LoraConfig``), its new LoRA adapter and the head; otherwise
+    every weight of the scorer.
 
-    Checkpoints: with a LoRA adapter, ``weights_format="trained_parts"`` (adapter, score-token rows
-    and head on top of ``scorer.config.base_model``, which must be the backbone the adapter was
-    trained on: a scorer whose backbone has other weights merged in must be trained without LoRA
-    or saved whole); without one, ``"full"``. Evaluation reports ``eval_accuracy``, the fraction of
+    Checkpoints: with a LoRA adapter, ``weights_format="trained_parts"`` on top of the scorer's base
+    (`QScorer.trained_parts_base`: the whole-weights checkpoint it was loaded from, else
+    ``scorer.config.base_model``); a scorer whose adapter was merged in at load, or whose base the
+    checkpoints would outlive (`qscorer_reward.checkpoint.lasting_base`), is refused here, before
+    training. Without an adapter, ``"full"``. Evaluation reports ``eval_accuracy``, the fraction of
     held-out pairs whose chosen image scores higher, and ``eval_margin``, the mean score difference.
 
     Args:
