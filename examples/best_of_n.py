@@ -1,7 +1,8 @@
 """Selection by Q-Scorer score: best-of-N per prompt, a quality gate that regenerates rejected images
 with new seeds, and filtering a folder-worth of images by a threshold.
 
-Runs offline on the CPU with a tiny random SD3 pipeline and a tiny random scorer::
+Runs offline on the CPU with a tiny random SD3 pipeline and a tiny random scorer (``--smoke``: fewer
+candidates and steps, seconds)::
 
     python examples/best_of_n.py
 
@@ -43,7 +44,10 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--n", type=int, default=6, help="candidates per prompt")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: 3 candidates, 3 steps")
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.steps = 3, 3
     pipe, scorer, call = load(args)
 
     # 1. Best of N: n candidates per prompt (batched to fit memory), keep the best two.

@@ -4,7 +4,7 @@ without and with `QScorerGuidance`, each image scored.
 Runs offline on the CPU in seconds with a tiny random SDXL pipeline and a tiny random scorer (the
 scores then only show that guidance moves images towards what that scorer rates higher)::
 
-    python examples/diffusers_guidance.py
+    python examples/diffusers_guidance.py              # --smoke: 4 steps, seconds
 
 With real models (a GPU strongly advised)::
 
@@ -47,7 +47,10 @@ def main():
     parser.add_argument("--start", type=int, default=2, help="first guided step")
     parser.add_argument("--scale", type=float, default=0.1, help="RMS latent change per guided step")
     parser.add_argument("--out", type=Path, help="save the images here")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: 4 steps")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps = 4
 
     pipe, scorer = load(args)
     call = dict(height=args.size, width=args.size, num_inference_steps=args.steps, output_type="pt")

@@ -6,8 +6,10 @@ evaluated on crops of the third. The same config file, pointed at a real base mo
 is how a real run starts (see docs/training.md).
 
     python examples/train_tiny.py --output runs/tiny
+    qscorer score examples/images --model runs/tiny/run/final
 
-Needs the train extra (pip install "qscorer-reward[train]").
+Needs the train extra (pip install "qscorer-reward[train]"). ``--smoke`` trains a few steps on a few
+crops (seconds).
 """
 
 from __future__ import annotations
@@ -62,17 +64,19 @@ def build_base_model(directory: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=Path("runs/tiny"))
+    parser.add_argument("--output", type=Path, required=True, help="the folder for the base model, data and run")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: 4 steps on 32 crops")
     args = parser.parse_args()
+    steps, train_count, held_out_count = (4, 32, 16) if args.smoke else (args.steps, 800, 64)
 
     from qscorer_reward import QScorer
     from qscorer_reward.training import DatasetConfig, LoraSettings, ScoreTokenTrainer, TrainingConfig
 
     torch.set_num_threads(1)  # tiny models run fastest on one thread
     build_base_model(args.output / "base")
-    train = noisy_crops(["astronaut", "coffee"], args.output / "data" / "train", count=800, seed=0)
-    held_out = noisy_crops(["chelsea"], args.output / "data" / "held_out", count=64, seed=1)
+    train = noisy_crops(["astronaut", "coffee"], args.output / "data" / "train", count=train_count, seed=0)
+    held_out = noisy_crops(["chelsea"], args.output / "data" / "held_out", count=held_out_count, seed=1)
     config = TrainingConfig(
         base_model=str(args.output / "base"),
         output_dir=str(args.output / "run"),
@@ -86,13 +90,13 @@ def main() -> None:
         lora=LoraSettings(r=8, alpha=16, dropout=0.0),
         train_vision_tower=True,
         train_merger=True,
-        max_steps=args.steps,
+        max_steps=steps,
         learning_rate=1e-3,
         warmup_ratio=0.05,
         gradient_checkpointing=False,
         num_workers=0,
-        eval_steps=100,
-        save_steps=100,
+        eval_steps=min(100, steps),
+        save_steps=min(100, steps),
         logging_steps=50,
     )
     config.save(args.output / "tiny.yaml")  # `qscorer train --config runs/tiny/tiny.yaml` runs the same

@@ -7,10 +7,12 @@ pipeline renders them, Q-Scorer rates the images, and TRL's GRPOTrainer updates 
     python examples/trl_grpo_reward.py --scorer-url http://127.0.0.1:8000   # the scorer of `qscorer serve`
 
 With the defaults nothing is downloaded and every model has random weights: the run shows the
-wiring (rendering, scoring, logging, updates), not learning.
+wiring (rendering, scoring, logging, updates), not learning. Nothing is saved unless ``--output-dir``
+names a folder for TRL's files; ``--smoke`` runs one step.
 """
 
 import argparse
+import tempfile
 
 import torch
 from datasets import Dataset
@@ -70,9 +72,14 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--inference-steps", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=2)
-    parser.add_argument("--output-dir", default="grpo-qscorer")
+    parser.add_argument("--output-dir", help="TRL's output folder (default: a temporary one, removed at the end)")
+    parser.add_argument("--smoke", action="store_true", help="one step")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="grpo-qscorer-") as scratch:
+        train(args, args.output_dir or scratch, max_steps=1 if args.smoke else args.max_steps)
 
+
+def train(args, output_dir: str, max_steps: int):
     policy, tokenizer, pipeline, scorer = load_models(args)
 
     def render(prompts, completions):
@@ -84,8 +91,8 @@ def main():
     quality = QScorerRewardFunc(scorer, render_fn=render, normalize="unit", batch_size=8)
     dataset = Dataset.from_dict({"prompt": [f"A photo of {subject}," for subject in SUBJECTS]})
     config = GRPOConfig(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
+        output_dir=output_dir,
+        max_steps=max_steps,
         per_device_train_batch_size=4,
         num_generations=4,
         max_completion_length=16,
@@ -93,6 +100,7 @@ def main():
         report_to="none",
         use_cpu=args.device == "cpu",
         bf16=False,
+        activation_checkpointing=False,  # small policies need no recomputation
         save_strategy="no",
     )
     trainer = GRPOTrainer(

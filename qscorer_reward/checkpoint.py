@@ -81,6 +81,7 @@ def write_checkpoint(
             raise ValueError("weights_format 'trained_parts' writes the score-token rows, not the whole backbone")
         if not config.base_model:
             raise ValueError("weights_format='trained_parts' needs config.base_model, the model the parts apply to")
+        config = dataclasses.replace(config, base_model=lasting_base(config.base_model, directory))
 
     directory = Path(directory).resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,30 @@ def write_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def lasting_base(base_model: str, checkpoint: str | os.PathLike) -> str:
+    """``base_model`` as a trained-parts checkpoint written to ``checkpoint`` records it: a local
+    folder by its absolute path (so the checkpoint loads from any working directory), a hub id as is.
+
+    Raises `ValueError` for a base the checkpoint would outlive: one in the system's temporary folder
+    (cleared by the OS, or deleted by whoever made it, e.g. a ``tempfile.TemporaryDirectory``) when
+    the checkpoint goes elsewhere, or the checkpoint's own directory, which the save replaces.
+    """
+    local = Path(base_model).expanduser()
+    if not local.exists():
+        return base_model
+    local, target = local.resolve(), Path(checkpoint).expanduser().resolve()
+    temporary = Path(tempfile.gettempdir()).resolve()
+    if local == target:
+        raise ValueError(f"the checkpoint would replace its own base model {local}: save it to another directory")
+    if local.is_relative_to(temporary) and not target.is_relative_to(temporary):
+        raise ValueError(
+            f"base_model {local} is in the temporary folder {temporary}, which is cleared, but the checkpoint "
+            f"goes to {target} and would outlive it: save the base model somewhere lasting (e.g. beside the "
+            "checkpoint) and build the scorer from there, or save weights_format='full'"
+        )
+    return str(local)
 
 
 def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -213,6 +238,10 @@ class LoadedCheckpoint:
     tokenizer: object
     head: ScoreHead
     adapter_merged: bool
+    # The backbone tensors the checkpoint held whole (``trained_modules.safetensors``), and for a
+    # ``full`` checkpoint where it was read from (an absolute folder or a hub id).
+    trained_module_names: tuple[str, ...] = ()
+    whole_weights_source: str | None = None
 
 
 def load_checkpoint(
@@ -236,10 +265,12 @@ def load_checkpoint(
     except (OSError, ValueError) as err:
         raise ValueError(f"{directory}: cannot load the tokenizer files ({err})") from err
 
-    adapter_merged = False
+    adapter_merged, trained_module_names, whole_weights_source = False, (), None
     load_kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if config.weights_format == "full":
         model = _load_backbone(directory, **load_kwargs)
+        local = path is None or Path(path).expanduser().exists()
+        whole_weights_source = str(directory.resolve()) if local else str(path)
     else:
         if not config.base_model:
             raise ValueError(f"{directory / CONFIG_NAME}: weights_format 'trained_parts' needs base_model")
@@ -263,7 +294,7 @@ def load_checkpoint(
         )
         set_score_token_rows(model, config.score_token_ids, rows)
         if (directory / TRAINED_MODULES_FILE).is_file():
-            _load_trained_modules(model, directory / TRAINED_MODULES_FILE)
+            trained_module_names = _load_trained_modules(model, directory / TRAINED_MODULES_FILE)
         if (directory / ADAPTER_CONFIG_FILE).is_file():
             model = _load_adapter(model, directory, merge_lora)
             adapter_merged = merge_lora
@@ -273,7 +304,7 @@ def load_checkpoint(
     expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}
     check_tensors(head_state, expected, directory / HEAD_FILE)
     head.load_state_dict(head_state)
-    return LoadedCheckpoint(config, model, tokenizer, head, adapter_merged)
+    return LoadedCheckpoint(config, model, tokenizer, head, adapter_merged, trained_module_names, whole_weights_source)
 
 
 def _load_backbone(source: str | Path, **kwargs):
@@ -318,9 +349,10 @@ def _check_backbone_files(directory: Path) -> Path:
     return weight_files[0] if len(weight_files) == 1 else directory
 
 
-def _load_trained_modules(model: nn.Module, path: Path) -> None:
+def _load_trained_modules(model: nn.Module, path: Path) -> tuple[str, ...]:
     """Overwrite backbone tensors with the trained ones saved in ``path`` (names as in
-    ``model.state_dict()``), refusing names the model does not have and mis-shaped tensors."""
+    ``model.state_dict()``), refusing names the model does not have and mis-shaped tensors; returns
+    their names."""
     own = model.state_dict()
     shapes = read_safetensors_shapes(path, "the trained backbone modules")
     unknown = sorted(set(shapes) - set(own))
@@ -330,6 +362,18 @@ def _load_trained_modules(model: nn.Module, path: Path) -> None:
     with torch.no_grad():
         for name, tensor in tensors.items():
             own[name].copy_(tensor)
+    return tuple(sorted(tensors))
+
+
+def backbone_tensors(model: nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The current values of ``model``'s tensors ``names`` (as named before any LoRA adapter was
+    injected: peft moves a wrapped layer's own weights under ``base_layer``)."""
+    state = model.state_dict()
+    tensors = {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        tensors[name] = state[name] if name in state else state[f"{module}.base_layer.{leaf}"]
+    return tensors
 
 
 # peft's on-disk adapter format prefixes parameter names as a `PeftModel` wrapping the model would.

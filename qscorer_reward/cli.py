@@ -392,6 +392,8 @@ def _check_writable(folder: Path) -> None:
 
 
 def _train_command(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from .training.config import TrainingConfig
     from .training.trainer import ScoreTokenTrainer
 
@@ -402,6 +404,7 @@ def _train_command(args: argparse.Namespace) -> int:
             setattr(config, name, value)
     config.__post_init__()
     resume = {"auto": "auto", "none": None}.get(args.resume, args.resume)
+    transformers_logging.disable_progress_bar()  # transformers' "Loading weights" bar, as for score
     ScoreTokenTrainer(config).train(resume=resume)
     return 0
 

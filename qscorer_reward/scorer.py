@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, BackboneInputs, backbone_class
-from .checkpoint import load_checkpoint, lora_adapter, write_checkpoint
+from .checkpoint import backbone_tensors, load_checkpoint, lora_adapter, write_checkpoint
 from .config import CLIP_MEAN, CLIP_STD, QWEN_PROMPT_TEMPLATE, SCORE_BOUNDS, QScorerConfig
 from .head import ScoreHead
 from .official_checkpoint import is_released_base, is_released_layout, load_official, load_official_base
@@ -55,6 +55,10 @@ class QScorer(nn.Module):
         # Set when a LoRA adapter was merged into the base weights at load: the trained parts can
         # then no longer be saved apart from the base model.
         self.adapter_merged = False
+        # Set at load, for trained-parts saves: the backbone tensors the checkpoint held whole (saved
+        # again), and the whole-weights checkpoint the backbone came from (the base of such a save).
+        self.trained_module_names: tuple[str, ...] = ()
+        self.whole_weights_source: str | None = None
         self._gradient_checkpointing = False
 
     # ------------------------------------------------------------------ construction
@@ -201,6 +205,8 @@ class QScorer(nn.Module):
             )
         scorer = cls.assemble(loaded.config, loaded.model, loaded.tokenizer, loaded.head)
         scorer.adapter_merged = loaded.adapter_merged
+        scorer.trained_module_names = loaded.trained_module_names
+        scorer.whole_weights_source = loaded.whole_weights_source
         if score_bound is not None:
             scorer.set_score_bound(score_bound)
         scorer.requires_grad_(False).eval()
@@ -208,7 +214,10 @@ class QScorer(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, weights_format: str | None = None) -> None:
         """Write a checkpoint directory; ``weights_format`` ``"full"`` or ``"trained_parts"``
-        (default: the config's). Loading it back gives the same scores; see `qscorer_reward.checkpoint`."""
+        (default: the config's). Loading it back gives the same scores; see `qscorer_reward.checkpoint`.
+
+        ``"trained_parts"`` of a scorer loaded from a whole-weights checkpoint names that checkpoint
+        as its base; of one loaded from trained parts, it keeps the tensors those held whole."""
         config = dataclasses.replace(self.config, weights_format=weights_format or self.config.weights_format)
         model = self.backbone.model
         if config.weights_format == "full":
@@ -219,9 +228,11 @@ class QScorer(nn.Module):
                     "this scorer's LoRA adapter was merged into the base weights when it was loaded, so the trained "
                     "parts can no longer be told apart: save weights_format='full', or load with merge_lora=False"
                 )
+            config.base_model = self.trained_parts_base
             parts = {
                 "score_token_rows": get_score_token_rows(model, config.score_token_ids),
                 "adapter": lora_adapter(model),
+                "trained_modules": backbone_tensors(model, self.trained_module_names),
             }
         write_checkpoint(path, config, self.head.state_dict(), self.tokenizer, **parts)
 
@@ -233,6 +244,12 @@ class QScorer(nn.Module):
         self.config.score_bound = self.head.bound = score_bound
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def trained_parts_base(self) -> str | None:
+        """The base a ``"trained_parts"`` save names: the whole-weights checkpoint this scorer was
+        loaded from, else `QScorerConfig.base_model`."""
+        return self.whole_weights_source or self.config.base_model
 
     @property
     def score_range(self) -> tuple[float, float]:

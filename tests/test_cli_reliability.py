@@ -429,6 +429,11 @@ def test_the_readme_quick_start_shows_its_output():
     result = subprocess.run([sys.executable, "-m", "qscorer_reward.cli", "score", "examples/images"], cwd=root,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
+    # Nothing but the model line and the summary: no library noise (issue 21 item 21).
+    assert result.stderr.splitlines() == [
+        "model: qscorer-tiny; scores in [1, 5], higher is better",
+        "scored 12 image(s), 0 failed",
+    ], result.stderr
     expected_lines, got_lines = shown.strip("\n").splitlines(), result.stdout.strip("\n").splitlines()
     assert expected_lines[0] == got_lines[0] == "  score  path"
     assert [line.split()[1] for line in expected_lines[1:]] == [line.split()[1] for line in got_lines[1:]]

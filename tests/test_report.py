@@ -198,3 +198,52 @@ def test_score_refuses_a_report_without_a_row_file_before_scoring(tmp_path, mode
         captured = capsys.readouterr()
         assert "--report needs a CSV or JSONL --output" in captured.err and captured.out == ""
     assert not (tmp_path / "scores.txt").exists()
+
+
+# ------------------------------------------------------------------ thumbnails read as the scorer reads
+
+
+def _thumbnail_pixels(path: Path) -> np.ndarray:
+    data, width, height = make_thumbnail(path)
+    with Image.open(io.BytesIO(data)) as thumbnail:
+        assert thumbnail.size == (width, height)
+        return np.asarray(thumbnail.convert("RGB"), dtype=float)
+
+
+def test_a_thumbnail_is_upright_as_the_photo_is_displayed(tmp_path, photos):
+    """A phone photo stored sideways (EXIF orientation 6) shows upright, as the scorer scores it."""
+    stored = photos[2][:200, :320]  # 320 wide, 200 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned by 90 degrees: 200 wide, 320 high
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    thumbnail = _thumbnail_pixels(path)
+    assert thumbnail.shape == (THUMBNAIL_SIDE, 120, 3)
+    displayed = Image.fromarray(stored).transpose(Image.Transpose.ROTATE_270)
+    upright = np.asarray(displayed.resize((120, THUMBNAIL_SIDE), Image.Resampling.BICUBIC), dtype=float)
+    turned_the_other_way = upright[::-1, ::-1]
+    assert np.abs(thumbnail - upright).mean() < 6 < np.abs(thumbnail - turned_the_other_way).mean()
+
+
+@pytest.mark.parametrize("kind", ["16-bit grey PNG", "float TIFF", "RGBA PNG"])
+def test_a_thumbnail_reads_every_image_mode_by_its_range(kind, tmp_path):
+    """16-bit and float images were white or clipped, transparency black: the thumbnail now shows
+    what the scorer sees (16-bit / 65535, float in [0, 1], transparency over white)."""
+    ramp = np.linspace(0.0, 1.0, 64 * 48).reshape(48, 64)
+    if kind == "16-bit grey PNG":
+        path, image = tmp_path / "grey16.png", Image.fromarray((ramp * 65535).round().astype(np.uint16))
+        expected = np.stack([ramp * 255] * 3, axis=-1)
+    elif kind == "float TIFF":
+        path, image = tmp_path / "float.tif", Image.fromarray(ramp.astype(np.float32))
+        expected = np.stack([ramp * 255] * 3, axis=-1)
+    else:
+        rgba = np.zeros((48, 64, 4), dtype=np.uint8)
+        rgba[..., 0] = 200
+        rgba[..., 3] = np.where(np.arange(64) < 32, 0, 255)  # left half transparent
+        path, image = tmp_path / "rgba.png", Image.fromarray(rgba, mode="RGBA")
+        expected = np.where((np.arange(64) < 32)[None, :, None], 255.0, [200.0, 0.0, 0.0])
+        expected = np.broadcast_to(expected, (48, 64, 3))
+    image.save(path)
+    thumbnail = _thumbnail_pixels(path)
+    assert thumbnail.shape == (48, 64, 3)  # small images are never enlarged
+    assert np.abs(thumbnail - expected).mean() < 4, kind

@@ -165,6 +165,30 @@ def test_scores_equal_in_process_scores_for_formats_and_sizes(service, tmp_path)
     assert remote.score_range == (1.0, 5.0) and remote.lower_better is False
 
 
+def test_a_rotated_jpeg_and_a_16_bit_png_score_as_in_process(service, tmp_path):
+    """The service decodes as `QScorer` does (`preprocessing.decode_opened_image`): the EXIF
+    orientation applied, 16-bit values divided by 65535 (not clipped to white)."""
+    url, _, scorer = service
+    stored = _smooth(60, 90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned by 90 degrees
+    rotated = tmp_path / "sideways.jpg"
+    Image.fromarray(stored).save(rotated, exif=exif, quality=95)
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray(stored[..., 0].astype(np.uint16) * 257).save(grey16)
+    assert Image.open(grey16).mode == "I;16"
+    status, answer = _post(url, "/score", **_json([rotated.read_bytes(), grey16.read_bytes()]))
+    assert status == 200, answer
+    with torch.inference_mode():
+        expected = scorer([rotated, grey16])
+        # what a decoder that skipped the orientation, or clipped 16-bit values, would have scored
+        unturned = scorer([np.asarray(Image.open(rotated).convert("RGB"))])  # an array has no EXIF tag
+        clipped = scorer([np.full((60, 90, 3), 255, dtype=np.uint8)])
+    assert answer["scores"] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert abs(expected[0] - unturned[0]) > 1e-3 and abs(expected[1] - clipped[0]) > 1e-3
+    assert _client(url)([rotated, grey16]).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
 def test_health_and_info(service):
     url = service[0]
     assert _post(url, "/healthz", method="GET") == (200, {"status": "ok"})

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from qscorer_reward.checkpoint import (
     HEAD_FILE,
     SCORE_TOKENS_FILE,
     has_lora,
+    lasting_base,
 )
 from qscorer_reward.config import CONFIG_NAME
 from qscorer_reward.preprocessing import to_unit_pixels
@@ -92,9 +94,10 @@ class QScorerRewardConfig(RewardConfig):
             the Thurstone model (Case V: equal for both images).
 
     From `RewardConfig`: ``model_init_kwargs`` go to `QScorer.from_pretrained` when the trainer is
-    given a checkpoint path; ``gradient_checkpointing`` is applied by the trainer with
+    given a checkpoint path; ``activation_checkpointing`` (default on) is applied by the trainer with
     `QScorer.gradient_checkpointing_enable`, which then clears the flag in the config (transformers'
-    ``Trainer`` would call the model's method with arguments it does not take);
+    ``Trainer`` would call the model's method with arguments it does not take); ``bf16`` defaults to
+    on only on a CUDA GPU that supports it (TRL's default, on everywhere, fails on a CPU);
     ``center_rewards_coefficient`` is refused (scores are on the MOS scale, not centred on 0); the
     text-only fields (``max_length``, ``eos_token``, ``chat_template_path``, ``pad_token``,
     ``dataset_num_proc``) do not apply to image pairs and are ignored.
@@ -109,8 +112,26 @@ class QScorerRewardConfig(RewardConfig):
     fidelity_score_std: float = field(
         default=1.0, metadata={"help": "Standard deviation (score points) of perceived quality in the Thurstone model."}
     )
+    # TRL's default (checkpointing on) is set under transformers' deprecated name, which warns on
+    # every config; the same default is given here under the current name, unless either is passed.
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (default: on, as in TRL)."},
+    )
+
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bfloat16 mixed precision (default: on a CUDA GPU that supports it, else off)."},
+    )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        if self.bf16 is None:  # TRL turns it on everywhere, which a CPU-only machine refuses
+            self.bf16 = not (self.fp16 or self.use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
         if self.bradley_terry_scale <= 0:
             raise ValueError(f"bradley_terry_scale must be > 0, got {self.bradley_terry_scale}")
@@ -192,14 +213,17 @@ class QScorerRewardTrainer(RewardTrainer):
         trainer.train()
         trainer.save_model()                # a Q-Scorer checkpoint: QScorer.from_pretrained("qscorer-prefs")
 
-    What is trained: with ``peft_config`` (a ``peft.LoraConfig``), its LoRA adapter on the
-    backbone and the score head; given a scorer that already carries a LoRA adapter (loaded with
-    ``merge_lora=False``), that adapter and the head; otherwise every weight of the scorer.
+    What is trained: given a scorer that already carries a LoRA adapter (a trained-parts checkpoint
+    loaded with ``merge_lora=False``), that adapter and the score head, with or without
+    ``peft_config`` (a checkpoint holds one adapter; a warning says so when ``peft_config`` differs);
+    else with ``peft_config`` (a ``peft.LoraConfig``), its new LoRA adapter and the head; otherwise
+    every weight of the scorer.
 
-    Checkpoints: with a LoRA adapter, ``weights_format="trained_parts"`` (adapter, score-token rows
-    and head on top of ``scorer.config.base_model``, which must be the backbone the adapter was
-    trained on: a scorer whose backbone has other weights merged in must be trained without LoRA
-    or saved whole); without one, ``"full"``. Evaluation reports ``eval_accuracy``, the fraction of
+    Checkpoints: with a LoRA adapter, ``weights_format="trained_parts"`` on top of the scorer's base
+    (`QScorer.trained_parts_base`: the whole-weights checkpoint it was loaded from, else
+    ``scorer.config.base_model``); a scorer whose adapter was merged in at load, or whose base the
+    checkpoints would outlive (`qscorer_reward.checkpoint.lasting_base`), is refused here, before
+    training. Without an adapter, ``"full"``. Evaluation reports ``eval_accuracy``, the fraction of
     held-out pairs whose chosen image scores higher, and ``eval_margin``, the mean score difference.
 
     Args:
@@ -247,6 +271,8 @@ class QScorerRewardTrainer(RewardTrainer):
         elif not isinstance(model, QScorer):
             raise TypeError(f"model must be a QScorer or a checkpoint path, got {type(model).__name__}")
         self.weights_format = prepare_for_training(model, peft_config)
+        if self.weights_format == "trained_parts":  # a base the checkpoints cannot name: refused now, not at a save
+            lasting_base(model.trained_parts_base, args.output_dir)
         if args.disable_dropout:
             disable_dropout_in_model(model)
         if args.activation_checkpointing:
@@ -361,13 +387,17 @@ def prepare_for_training(scorer: QScorer, peft_config=None) -> str:
                 "score-token rows and the head (always trained); list other layers in target_modules"
             )
         if has_lora(backbone):
-            raise ValueError(
-                "the scorer already carries a LoRA adapter: pass peft_config=None to go on training it, or merge it "
-                "first (QScorer.from_pretrained(..., merge_lora=True)) and save the merged scorer whole"
-            )
-        inject_adapter_in_model(peft_config, backbone)
+            _warn_if_adapter_differs(backbone, peft_config)  # the scorer's own adapter trains on
+        else:
+            inject_adapter_in_model(peft_config, backbone)
     if has_lora(backbone):
-        if not scorer.config.base_model:
+        if scorer.adapter_merged:
+            raise ValueError(
+                "this scorer's LoRA adapter was merged into its weights when it was loaded, so a LoRA checkpoint on "
+                "top of its base model cannot hold it: load it with QScorer.from_pretrained(..., merge_lora=False) "
+                "to go on training its adapter, or train it without peft_config (whole weights)"
+            )
+        if not scorer.trained_parts_base:
             raise ValueError(
                 "LoRA training saves checkpoints as weights_format='trained_parts', on top of config.base_model, "
                 "but this scorer has none: build it with QScorer.from_base_model(path_or_hub_id) or set "
@@ -381,6 +411,32 @@ def prepare_for_training(scorer: QScorer, peft_config=None) -> str:
         weights_format = "full"
     scorer.head.requires_grad_(True)
     return weights_format
+
+
+def _warn_if_adapter_differs(backbone: nn.Module, peft_config) -> None:
+    """Warn when ``peft_config`` asks for another adapter than the one ``backbone`` carries (another
+    rank or scale, or other modules), which is trained instead: a checkpoint holds one adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+
+    (existing,) = backbone.peft_config.values()
+    modules = dict(backbone.named_modules())
+    wrapped = {name for name, module in modules.items() if isinstance(module, BaseTunerLayer)}
+    inside = tuple(f"{name}." for name in wrapped)  # the adapter's own layers
+    asked = {name for name in modules if not name.startswith(inside) and check_target_module_exists(peft_config, name)}
+    if (existing.r, existing.lora_alpha, wrapped) == (peft_config.r, peft_config.lora_alpha, asked):
+        return
+
+    def describe(config, names):
+        kinds = ", ".join(sorted({name.rpartition(".")[2] for name in names}))
+        return f"r={config.r}, lora_alpha={config.lora_alpha}, on {len(names)} modules ({kinds})"
+
+    warnings.warn(
+        f"the scorer already carries a LoRA adapter ({describe(existing, wrapped)}), which is trained on; "
+        f"peft_config ({describe(peft_config, asked)}) is not applied: a checkpoint holds one adapter. "
+        "For a new adapter, start from a checkpoint without one",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def save_into(scorer: QScorer, directory: Path, weights_format: str) -> None:

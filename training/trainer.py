@@ -37,7 +37,7 @@ from accelerate.utils import (
     set_seed,
 )
 
-from qscorer_reward.checkpoint import replace_directory
+from qscorer_reward.checkpoint import lasting_base, replace_directory
 from qscorer_reward.config_files import config_to_dict
 from qscorer_reward.extras import require_extra
 from qscorer_reward.preprocessing import to_unit_pixels
@@ -159,6 +159,8 @@ class ScoreTokenTrainer:
         ``None`` starts afresh (existing checkpoints are then replaced as the run goes).
         """
         config, accelerator = self.config, self.accelerator
+        if config.base_model:  # a base its checkpoints could not name is refused before anything is done
+            lasting_base(config.base_model, Path(config.output_dir) / "final")
         set_seed(config.seed)
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from qscorer_reward.library_noise import diffusers_pipeline_imports
+
 PIPELINE_FAMILIES = ("stable_diffusion", "stable_diffusion_xl", "stable_diffusion_3", "flux")
 
 
@@ -27,7 +29,8 @@ def pipeline_family(pipeline) -> str:
 
     Raises `TypeError` naming the pipeline class for anything else.
     """
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    with diffusers_pipeline_imports():
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     for cls, family in (
         (StableDiffusionPipeline, "stable_diffusion"),

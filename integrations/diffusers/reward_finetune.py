@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from qscorer_reward.config_files import config_to_dict, load_config, parse_overrides, save_config
+from qscorer_reward.library_noise import diffusers_pipeline_imports
 from qscorer_reward.scorer import QScorer, require_gradients
 
 from .latents import decode_latents, decoding_vae, denoiser, pipeline_family
@@ -563,7 +564,8 @@ def main(argv: list[str] | None = None) -> None:
         mixed_precision=config.mixed_precision, log_with=config.report_to, project_dir=config.output_dir
     )
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-    pipeline = DiffusionPipeline.from_pretrained(config.pretrained_model, torch_dtype=weight_dtype)
+    with diffusers_pipeline_imports():
+        pipeline = DiffusionPipeline.from_pretrained(config.pretrained_model, torch_dtype=weight_dtype)
     pipeline.to(accelerator.device)
     scorer = QScorer.from_pretrained(config.scorer, device=accelerator.device, dtype=weight_dtype)
     if accelerator.is_main_process:

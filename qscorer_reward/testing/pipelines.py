@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from qscorer_reward.extras import require_extra
+from qscorer_reward.library_noise import diffusers_pipeline_imports
 
 require_extra("diffusers", __name__)
 
@@ -26,6 +27,11 @@ TINY_IMAGE_SIZE = 32
 
 # Byte-level vocabulary (256) plus the special tokens each tokenizer adds.
 _BYTE_VOCAB = 256
+
+# Text lengths in tokens (bytes here): CLIP's real 77, and a T5 length for `tiny_call_kwargs`. Prompts of
+# tests and examples fit them, so the pipelines never truncate them (and never warn that they did).
+CLIP_MAX_LENGTH = 77
+T5_SEQUENCE_LENGTH = 77
 
 
 def tiny_pipeline(kind: str, seed: int = 0, scheduler=None):
@@ -65,17 +71,17 @@ def _ready(pipeline):
 
 def tiny_call_kwargs(kind: str, num_inference_steps: int = 4) -> dict:
     """Keyword arguments for calling a `tiny_pipeline` of ``kind``: its image size, the steps and, for the
-    T5-conditioned pipelines, a short text length (their defaults, 256 and 512 tokens, dominate the cost)."""
+    T5-conditioned pipelines, a shorter text length (their defaults, 256 and 512 tokens, dominate the cost)."""
     kwargs = dict(height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE, num_inference_steps=num_inference_steps)
     if kind in ("sd3", "flux"):
-        kwargs["max_sequence_length"] = 16
+        kwargs["max_sequence_length"] = T5_SEQUENCE_LENGTH
     return kwargs
 
 
 # ---------------------------------------------------------------------------------------- tokenizers
 
 
-def tiny_clip_tokenizer(model_max_length: int = 16):
+def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
     """Byte-level stand-in for `CLIPTokenizer`: ``<|startoftext|> bytes... <|endoftext|>``, padded with
     ``<|endoftext|>`` (ids 256 and 257), as CLIP pads."""
     from tokenizers import processors
@@ -90,7 +96,7 @@ def tiny_clip_tokenizer(model_max_length: int = 16):
     return tokenizer
 
 
-def tiny_t5_tokenizer(model_max_length: int = 32):
+def tiny_t5_tokenizer(model_max_length: int = 512):
     """Byte-level stand-in for `T5TokenizerFast`: ``bytes... </s>``, padded with ``<pad>`` (ids 256, 257)."""
     from tokenizers import processors
 
@@ -129,7 +135,7 @@ def _clip_config(with_projection: bool, hidden_size: int = 32, projection_dim: i
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=16,
+        max_position_embeddings=CLIP_MAX_LENGTH,
         projection_dim=projection_dim if with_projection else hidden_size,
         bos_token_id=_BYTE_VOCAB,
         eos_token_id=_BYTE_VOCAB + 1,
@@ -208,7 +214,8 @@ def _tiny_unet(**config):
 
 def tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     """`StableDiffusionPipeline` with a two-level UNet; DDIM for epsilon, Euler for v-prediction."""
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+    with diffusers_pipeline_imports():
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -247,7 +254,8 @@ def tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0):
 def tiny_sdxl_pipeline(seed: int = 0):
     """`StableDiffusionXLPipeline`: two CLIP encoders (the second with a projection), a UNet with SDXL's
     ``text_time`` added conditioning, and a VAE with per-channel latent mean and std."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    with diffusers_pipeline_imports():
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -286,7 +294,8 @@ def tiny_sdxl_pipeline(seed: int = 0):
 
 def tiny_sd3_pipeline(seed: int = 0):
     """`StableDiffusion3Pipeline`: a one-layer MMDiT, CLIP x2 + T5 text encoders, 16-channel latents."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    with diffusers_pipeline_imports():
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -330,7 +339,8 @@ def tiny_sd3_pipeline(seed: int = 0):
 def tiny_flux_pipeline(seed: int = 0):
     """`FluxPipeline`: one double- and one single-stream block, guidance embedding, CLIP + T5 encoders;
     latents are packed into 2x2 patches, ``[B, (H/4)(W/4), 4 C]`` for images of ``H x W``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    with diffusers_pipeline_imports():
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
