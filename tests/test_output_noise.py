@@ -28,3 +28,6 @@ def test_qscorer_train_prints_no_library_noise(tmp_path, capfd):
     assert not [line for line in stderr.splitlines() if NOISE.search(line)], stderr[-2000:]
     assert not [str(w.message) for w in caught if NOISE.search(str(w.message))]
     assert (tmp_path / "run" / "final" / "qscorer_config.json").is_file()
+    # stderr is not a terminal here: no progress bar's carriage returns, a plain line per logging step
+    assert "\r" not in stderr
+    assert re.search(rf"^step {config.logging_steps}/{config.max_steps}: loss \d", stderr, re.MULTILINE), stderr

@@ -526,7 +526,7 @@ class ScoreTokenTrainer:
                 num_workers=self.config.num_workers,
                 rank=accelerator.process_index,
                 world_size=accelerator.num_processes,
-                progress=accelerator.is_main_process,
+                progress=self._live_progress,
                 description=f"eval {name}",
             )
             gathered = gather_object([(scores, failed)])
@@ -660,6 +660,12 @@ class ScoreTokenTrainer:
 
     # ------------------------------------------------------------------ logging
 
+    @property
+    def _live_progress(self) -> bool:
+        """Progress bars only for a person watching (stderr a terminal); a log file gets one line
+        per logging step instead of carriage-return updates."""
+        return self.accelerator.is_main_process and sys.stderr.isatty()
+
     def _progress_bar(self, total: int, done: int):
         from tqdm.auto import tqdm
 
@@ -668,7 +674,7 @@ class ScoreTokenTrainer:
             initial=done,
             desc="train",
             unit="step",
-            disable=not self.accelerator.is_main_process,
+            disable=not self._live_progress,
             file=sys.stderr,
             dynamic_ncols=True,
         )
@@ -689,7 +695,10 @@ class ScoreTokenTrainer:
         record = {"event": "train", "step": step, **merged, "elapsed_s": round(time.monotonic() - started, 1)}
         record["skipped_images"] = len(self._skipped_paths)
         self._log(record)
-        progress.set_postfix(loss=f"{merged['loss']:.4f}")
+        if self._live_progress:
+            progress.set_postfix(loss=f"{merged['loss']:.4f}")
+        elif self.accelerator.is_main_process:
+            print(f"step {step}/{progress.total}: loss {merged['loss']:.4f}", file=sys.stderr, flush=True)
         if self.config.report_to:
             self.accelerator.log({f"train/{k}": v for k, v in merged.items()}, step=step)
 
